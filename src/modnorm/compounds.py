@@ -1,0 +1,144 @@
+"""Networks built only from the algebra, with the residual weights and masses of DESIGN §1.
+
+A residual stack is ``((1 − 1/L)·Identity + (1/L)·block) ** L``: the ``1/L`` keeps the sum
+of ``L`` aligned residues bounded, so the network stays well-normed at any depth.
+"""
+
+from __future__ import annotations
+
+from modnorm.atoms import Conv2d, Embedding, Linear
+from modnorm.bonds import (
+    Abs,
+    AvgPool,
+    CausalAttention,
+    Flatten,
+    Identity,
+    LayerNorm,
+    MeanSubtract,
+    MergeHeads,
+    Mul,
+    Positions,
+    RMSDivide,
+    ScaledGELU,
+    ScaledReLU,
+    SplitHeads,
+)
+from modnorm.modules import Module, TupleModule
+
+_ACTIVATIONS = {"relu": ScaledReLU, "gelu": ScaledGELU, "abs": Abs}
+
+
+def _activation(name: str) -> Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}: choose one of {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def _positive(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _residual(block: Module, num_blocks: int, share: float) -> Module:
+    """``(1 − share)·Identity + share·block``."""
+    return (1 - share) * Identity() + share * block
+
+
+def MLP(  # noqa: N802 - constructors of modules read as classes
+    in_features: int, out_features: int, width: int, depth: int = 3, activation: str = "relu"
+) -> Module:
+    """``depth`` Linear layers with an activation of sensitivity 1 between them."""
+    _positive("depth", depth)
+    if depth == 1:
+        return Linear(in_features, out_features)
+    net: Module = Linear(in_features, width)
+    for _ in range(depth - 2):
+        net = Linear(width, width) @ _activation(activation) @ net
+    return Linear(width, out_features) @ _activation(activation) @ net
+
+
+def ResMLP(  # noqa: N802
+    in_features: int,
+    out_features: int,
+    width: int,
+    num_blocks: int,
+    block_depth: int = 1,
+    activation: str = "abs",
+    blocks_mass: float = 1.0,
+) -> Module:
+    """Residual MLP: ``Linear ∘ blocks ∘ Linear ∘ Flatten``; each block is
+    ``(MeanSubtract ∘ act ∘ Linear ∘ RMSDivide) ** block_depth`` (as the reference)."""
+    _positive("width", width)
+    _positive("num_blocks", num_blocks)
+    _positive("block_depth", block_depth)
+    initial = Linear(in_features, width) @ Flatten()
+    residue = MeanSubtract() @ _activation(activation) @ Linear(width, width) @ RMSDivide()
+    blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
+    blocks.tare(blocks_mass)
+    return Linear(width, out_features) @ blocks @ initial
+
+
+def ResCNN(  # noqa: N802
+    in_channels: int,
+    out_features: int,
+    width: int,
+    num_blocks: int,
+    block_depth: int = 1,
+    activation: str = "abs",
+    kernel_size: int = 3,
+    blocks_mass: float = 20.0,
+) -> Module:
+    """Residual CNN on ``(B, C, H, W)`` images: ``Linear ∘ Flatten ∘ AvgPool ∘ blocks ∘ Conv2d``;
+    each block is ``(MeanSubtract ∘ act ∘ Conv2d ∘ RMSDivide) ** block_depth`` with the RMS
+    taken over channels and pixels (as the reference, whose block mass is 20)."""
+    _positive("width", width)
+    _positive("num_blocks", num_blocks)
+    _positive("block_depth", block_depth)
+    dims = (1, 2, 3)
+    initial = Conv2d(in_channels, width, kernel_size)
+    residue = (
+        MeanSubtract(dims)
+        @ _activation(activation)
+        @ Conv2d(width, width, kernel_size)
+        @ RMSDivide(dims)
+    )
+    blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
+    blocks.tare(blocks_mass)
+    return Linear(width, out_features) @ Flatten() @ AvgPool() @ blocks @ initial
+
+
+def Attention(width: int, num_heads: int) -> Module:  # noqa: N802
+    """Multi-head causal self-attention with ``1/d_head`` scaling: queries, keys and values
+    are a tuple (ν = 3), scaled by 1/3 so the whole has ν = 1."""
+    _positive("num_heads", num_heads)
+    if width % num_heads:
+        raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    q, k, v = (SplitHeads(num_heads) @ Linear(width, width) for _ in range(3))
+    out = Linear(width, width) @ MergeHeads(num_heads)
+    return out @ CausalAttention() @ Mul(1 / 3) @ TupleModule(q, k, v)
+
+
+def GPT(  # noqa: N802
+    vocab_size: int,
+    context: int,
+    width: int,
+    num_heads: int,
+    num_blocks: int,
+    blocks_mass: float = 5.0,
+) -> Module:
+    """Decoder-only transformer on token indices ``(B, T)``, ``T ≤ context``, returning logits
+    ``(B, T, vocab_size)``: pre-norm attention and GELU MLP blocks with residual weights
+    ``1/(2L)``, learned token and position embeddings (as the reference)."""
+    _positive("vocab_size", vocab_size)
+    _positive("context", context)
+    _positive("num_blocks", num_blocks)
+    embed = 0.5 * Embedding(vocab_size, width) + 0.5 * (Embedding(context, width) @ Positions())
+    embed.tare(1.0)
+    attention = Attention(width, num_heads) @ LayerNorm()
+    mlp = Linear(4 * width, width) @ ScaledGELU() @ Linear(width, 4 * width) @ LayerNorm()
+    share = 1 / (2 * num_blocks)
+    block = _residual(mlp, num_blocks, share) @ _residual(attention, num_blocks, share)
+    blocks = block**num_blocks
+    blocks.tare(blocks_mass)
+    return Linear(width, vocab_size) @ LayerNorm() @ blocks @ embed

@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import modnorm as mn
+from helpers import rms
+
+
+def test_linear_forward_scale_and_orthogonal_init() -> None:
+    lin = mn.Linear(20, 50)
+    assert lin.weight.shape == (50, 20)
+    s = torch.linalg.svdvals(lin.weight)
+    assert torch.allclose(s, torch.ones(20), atol=1e-5)
+    x = torch.randn(7, 20)
+    assert torch.allclose(lin(x), math.sqrt(50 / 20) * x @ lin.weight.T, atol=1e-6)
+    # orthogonal init, fan-out ≥ fan-in: the map preserves the RMS norm of every input
+    assert torch.allclose(rms(lin(x)[:1]), rms(x[:1]), rtol=1e-5)
+
+
+def test_initialization_is_seeded_and_reproducible() -> None:
+    torch.manual_seed(3)
+    a = mn.ResMLP(8, 3, width=16, num_blocks=2)
+    torch.manual_seed(3)
+    b = mn.ResMLP(8, 3, width=16, num_blocks=2)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("shape", [(20, 50), (50, 20), (33, 33)])
+def test_linear_norm_and_dual_against_svd(shape: tuple[int, int]) -> None:
+    lin = mn.Linear(shape[1], shape[0])
+    g = torch.randn(shape)
+    assert abs(lin.atom_norm(g) - torch.linalg.matrix_norm(g, ord=2)) < 1e-3 * g.norm()
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    for method in ("newton_schulz", "svd"):
+        d = lin.atom_dual(g, method)
+        assert torch.linalg.matrix_norm(d - u @ vh, ord=2) < 1e-3
+        assert abs((g * d).sum() - s.sum()) / s.sum() < 1e-3  # ⟨G, dual(G)⟩ = nuclear norm
+
+
+def test_linear_is_well_normed() -> None:
+    # ‖√(o/i)·ΔW x‖_rms ≤ ‖ΔW‖₂ ‖x‖_rms and ‖∇ₓf·Δx‖_rms ≤ ‖Δx‖_rms at unit spectral norm
+    lin = mn.Linear(30, 80)
+    dw = torch.randn(80, 30)
+    x = torch.randn(100, 30)
+    dy = math.sqrt(80 / 30) * x @ dw.T
+    ratio = dy.square().mean(-1).sqrt() / x.square().mean(-1).sqrt()
+    assert (ratio <= lin.atom_norm(dw) * (1 + 1e-4)).all()
+    assert (lin(x).square().mean(-1) <= x.square().mean(-1) * (1 + 1e-4)).all()
+
+
+def test_embedding() -> None:
+    emb = mn.Embedding(10, 16)
+    assert torch.allclose(emb.weight.norm(dim=1), torch.ones(10), atol=1e-6)
+    idx = torch.tensor([[1, 2, 3]])
+    out = emb(idx)
+    assert out.shape == (1, 3, 16)
+    assert torch.allclose(rms(out), torch.tensor(1.0), atol=1e-5)  # unit rows → unit RMS
+    g = torch.randn(10, 16)
+    g[4] = 0
+    assert torch.isclose(emb.atom_norm(g), g.norm(dim=1).max())
+    d = emb.atom_dual(g)
+    assert torch.equal(d[4], torch.zeros(16))
+    norms = d.norm(dim=1)
+    assert torch.allclose(norms[norms > 0], torch.ones(9), atol=1e-6)
+    assert torch.isclose((g * d).sum(), g.norm(dim=1).sum(), rtol=1e-5)  # dual norm: Σ‖row‖
+    with pytest.raises(TypeError, match="integer indices"):
+        emb(torch.randn(2, 3))
+
+
+def test_conv2d_forward_norm_dual() -> None:
+    conv = mn.Conv2d(4, 6, kernel_size=3)
+    for i in range(3):
+        for j in range(3):
+            s = torch.linalg.svdvals(conv.weight[:, :, i, j])
+            assert torch.allclose(s, torch.ones(4), atol=1e-5)
+    x = torch.randn(2, 4, 8, 8)
+    expected = math.sqrt(6 / 4) / 9 * F.conv2d(x, conv.weight, padding=1)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
+    g = torch.randn(6, 4, 3, 3)
+    per_pos = torch.linalg.matrix_norm(g.permute(2, 3, 0, 1), ord=2)
+    assert torch.isclose(conv.atom_norm(g), per_pos.max(), rtol=1e-3)
+    d = conv.atom_dual(g)
+    for i in range(3):
+        for j in range(3):
+            u, s, vh = torch.linalg.svd(g[:, :, i, j], full_matrices=False)
+            assert torch.allclose(d[:, :, i, j], u @ vh, atol=1e-3)
+    assert torch.isclose(conv.atom_norm(d), torch.tensor(1.0), rtol=1e-3)
+
+
+def test_projections() -> None:
+    lin, emb, conv = mn.Linear(8, 12), mn.Embedding(5, 7), mn.Conv2d(3, 4)
+    with torch.no_grad():
+        for m in (lin, emb, conv):
+            m.weight.mul_(3).add_(torch.randn_like(m.weight))
+            m.project_()
+    assert torch.allclose(torch.linalg.svdvals(lin.weight), torch.ones(8), atol=1e-5)
+    assert torch.allclose(emb.weight.norm(dim=1), torch.ones(5), atol=1e-5)
+    s = torch.linalg.svdvals(conv.weight.permute(2, 3, 0, 1))
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-5)
+
+
+def test_zero_tensors_stay_zero() -> None:
+    for m in (mn.Linear(8, 12), mn.Embedding(5, 7), mn.Conv2d(3, 4)):
+        z = torch.zeros_like(m.weight)
+        assert m.atom_norm(z) == 0
+        assert torch.equal(m.atom_dual(z), z)
+        assert torch.equal(m.normalize([z], 1.0)[0], z)
+        assert torch.equal(m.dualize([z], 1.0)[0], z)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: mn.Linear(0, 3),
+        lambda: mn.Linear(3, 2.5),
+        lambda: mn.Embedding(-1, 3),
+        lambda: mn.Conv2d(3, 4, kernel_size=0),
+        lambda: mn.Linear(3, 4, mass=-1.0),
+        lambda: mn.Linear(3, 4, mass=float("nan")),
+    ],
+)
+def test_bad_atom_arguments(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="must be"):
+        make()
+
+
+def test_atom_state_dict_round_trip() -> None:
+    a, b = mn.Linear(4, 5), mn.Linear(4, 5)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.weight, b.weight)
+    assert list(a.state_dict()) == ["weight"]  # the warm-start vector is not state

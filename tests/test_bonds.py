@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+import modnorm as mn
+from helpers import rms
+
+
+def unit_rms(*shape: int) -> torch.Tensor:
+    x = torch.randn(*shape, dtype=torch.float64)
+    return x / x.square().mean(-1, keepdim=True).sqrt()
+
+
+def jvp_ratio(f, x: torch.Tensor, dx: torch.Tensor) -> float:  # type: ignore[no-untyped-def]
+    _, out = torch.func.jvp(f, (x,), (dx,))
+    return float((out.square().mean(-1).sqrt() / dx.square().mean(-1).sqrt()).max())
+
+
+@pytest.mark.parametrize(
+    "bond",
+    [mn.Identity(), mn.Abs(), mn.MeanSubtract(), mn.RMSDivide(), mn.LayerNorm()],
+    ids=["Identity", "Abs", "MeanSubtract", "RMSDivide", "LayerNorm"],
+)
+def test_worst_case_sensitivity_bounds(bond: mn.Module) -> None:
+    # ν bounds ‖∇ₓf·Δx‖_rms / ‖Δx‖_rms for unit-RMS inputs (mean zero: LayerNorm divides by
+    # the RMS after subtracting the mean), in every direction we try
+    x = unit_rms(64, 32)
+    x = x - x.mean(-1, keepdim=True)
+    x = x / x.square().mean(-1, keepdim=True).sqrt()
+    for _ in range(5):
+        assert jvp_ratio(bond, x, torch.randn_like(x)) <= bond.sensitivity * (1 + 1e-9)
+    # including the directions that maximize it: the Jacobian's top singular vector
+    jac = torch.autograd.functional.jacobian(bond, x[0])
+    assert torch.linalg.matrix_norm(jac, ord=2) <= bond.sensitivity * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "bond", [mn.ReLU(), mn.GELU(), mn.ScaledReLU()], ids=["ReLU", "GELU", "ScaledReLU"]
+)
+def test_relu_and_gelu_sensitivity_is_the_typical_gain(bond: mn.Module) -> None:
+    # 1/√2 holds on average over Gaussian inputs and directions (half the units pass), not in
+    # the worst case: that is the convention of DESIGN and the reference.
+    x = torch.randn(4096, 64, dtype=torch.float64)
+    ratio = jvp_ratio(bond, x, torch.randn_like(x))
+    _, out = torch.func.jvp(bond, (x,), (torch.randn_like(x),))
+    mean_ratio = float(out.square().mean().sqrt())  # ‖Δx‖_rms ≈ 1
+    assert abs(mean_ratio - bond.sensitivity) < 0.12 * bond.sensitivity
+    assert ratio > bond.sensitivity  # the worst example exceeds it: honest about the convention
+
+
+def test_add_mul_and_scaled_activations() -> None:
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.equal(mn.Add()((x, y)), x + y)
+    assert mn.Mul(-2.0).sensitivity == 2.0
+    assert torch.equal(mn.Mul(-2.0)(x), -2 * x)
+    assert torch.allclose(mn.ScaledReLU()(x), math.sqrt(2) * torch.relu(x))
+    assert torch.allclose(mn.ScaledGELU()(x), math.sqrt(2) * torch.nn.functional.gelu(x))
+    assert mn.ScaledGELU().sensitivity == pytest.approx(1.0)
+
+
+def second_difference(f, x: torch.Tensor, d: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return (f(x + eps * d) + f(x - eps * d) - 2 * f(x)) / eps**2
+
+
+def test_rmsdivide_sharpness_at_unit_rms() -> None:
+    gamma = mn.RMSDivide().sharpness[2]  # type: ignore[index]
+    x = unit_rms(256, 16)
+    worst = 0.0
+    for _ in range(10):
+        d = unit_rms(256, 16)
+        worst = max(worst, float(rms(second_difference(mn.RMSDivide(), x, d))))
+    assert worst <= gamma
+    assert worst > 0.5  # the bound is not vacuous: the curvature is of order one
+
+
+def test_gelu_sharpness_grows_like_sqrt_width_and_bounds_the_curvature() -> None:
+    for d in (16, 256):
+        gelu = mn.ScaledGELU()
+        _ = gelu @ mn.Linear(d, d)  # composing tells the bond its feature size
+        gamma = gelu.sharpness[2]  # type: ignore[index]
+        assert gamma == pytest.approx(math.sqrt(2) * 2 / math.sqrt(2 * math.pi) * math.sqrt(d))
+        # the spike direction √d·e₁ at x₁ = 0 nearly attains it
+        x = unit_rms(1, d)
+        x[0, 0] = 0
+        spike = torch.zeros(1, d, dtype=torch.float64)
+        spike[0, 0] = math.sqrt(d)
+        attained = float(rms(second_difference(gelu, x, spike, eps=1e-4)))
+        assert attained <= gamma * (1 + 1e-4)
+        assert attained >= 0.99 * gamma
+    assert mn.GELU().sharpness is None  # feature size unknown until composed
+
+
+def test_heads_rotary_and_pooling() -> None:
+    x = torch.randn(2, 5, 12)
+    h = mn.SplitHeads(3)(x)
+    assert h.shape == (2, 3, 5, 4)
+    assert torch.equal(mn.MergeHeads(3)(h), x)
+    r = mn.Rotary()(h)
+    assert torch.allclose(r.norm(dim=-1), h.norm(dim=-1), atol=1e-5)  # a rotation per pair
+    assert torch.allclose(r[:, :, 0], h[:, :, 0])  # position 0 is not rotated
+    img = torch.randn(2, 4, 6, 6)
+    assert torch.allclose(mn.AvgPool()(img)[..., 0, 0], img.mean(dim=(2, 3)), atol=1e-6)
+    assert mn.Flatten()(img).shape == (2, 144)
+    with pytest.raises(ValueError, match="do not split into 5 heads"):
+        mn.SplitHeads(5) @ mn.Linear(4, 12)
+
+
+def test_causal_attention_matches_a_naive_implementation() -> None:
+    q, k, v = (torch.randn(2, 3, 7, 4) for _ in range(3))
+    out = mn.CausalAttention()((q, k, v))
+    scores = q @ k.transpose(-1, -2) / 4  # 1/d_head, not 1/√d_head
+    mask = torch.ones(7, 7).triu(1).bool()
+    expected = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1) @ v
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(mn.Softmax()(scores), torch.softmax(scores, -1))
+
+
+def test_positions() -> None:
+    assert torch.equal(mn.Positions()(torch.zeros(3, 5, dtype=torch.long)), torch.arange(5))
+    assert mn.Positions().sensitivity == 0

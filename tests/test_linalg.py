@@ -1,0 +1,104 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from modnorm.linalg import orthogonalize, spectral_norm
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (7, 3), (64, 64), (300, 40), (128, 512), (512, 512)])
+def test_spectral_norm_matches_svd(shape: tuple[int, int]) -> None:
+    a = torch.randn(shape)
+    exact = torch.linalg.matrix_norm(a, ord=2)
+    est, v = spectral_norm(a)
+    assert abs(est - exact) / exact < 1e-3
+    # the returned vector is the top right singular vector
+    assert abs((a @ v).norm() - exact) / exact < 1e-2
+
+
+def test_spectral_norm_warm_start_converges_fast_and_stays_accurate() -> None:
+    a = torch.randn(400, 300)
+    _, v = spectral_norm(a)
+    b = a + 0.01 * torch.randn_like(a)
+    est, _ = spectral_norm(b, v, max_iter=4)
+    exact = torch.linalg.matrix_norm(b, ord=2)
+    assert abs(est - exact) / exact < 1e-3
+
+
+def test_spectral_norm_of_structured_spectrum() -> None:
+    # a known spectrum with a tiny gap at the top: Lanczos must still find σ₁
+    u, _ = torch.linalg.qr(torch.randn(200, 200))
+    w, _ = torch.linalg.qr(torch.randn(100, 100))
+    s = torch.linspace(1.0, 0.5, 100)
+    s[1] = 0.999
+    a = u[:, :100] @ torch.diag(s) @ w.T
+    est, _ = spectral_norm(a)
+    assert abs(est - 1.0) < 1e-3
+
+
+def test_spectral_norm_of_zero_is_zero() -> None:
+    est, _ = spectral_norm(torch.zeros(40, 30))
+    assert est == 0
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+@pytest.mark.parametrize("shape", [(1, 8), (8, 1), (16, 16), (100, 30), (30, 100), (256, 256)])
+def test_orthogonalize_is_the_dual_map_of_the_spectral_norm(
+    method: str, shape: tuple[int, int]
+) -> None:
+    g = torch.randn(shape)
+    o = orthogonalize(g, method)
+    assert o.shape == g.shape
+    assert abs(torch.linalg.matrix_norm(o, ord=2) - 1) < 1e-3
+    nuclear = torch.linalg.matrix_norm(g, ord="nuc")
+    assert abs((g * o).sum() - nuclear) / nuclear < 1e-3
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+def test_orthogonalize_matches_polar_factor(method: str) -> None:
+    g = torch.randn(60, 40, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    o = orthogonalize(g, method)
+    assert torch.linalg.matrix_norm(o - u @ vh, ord=2) < 1e-3
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+def test_orthogonalize_does_not_inflate_rounding_noise(method: str) -> None:
+    # a rank-2 matrix plus float32 rounding noise: the exact polar factor of the noisy matrix
+    # has 50 unit singular values; the dual map must keep the 2 real directions only.
+    a = torch.randn(50, 2) @ torch.randn(2, 50)
+    g = a + 1e-7 * torch.randn(50, 50)
+    o = orthogonalize(g, method)
+    s = torch.linalg.svdvals(o)
+    assert abs(s[0] - 1) < 1e-3 and abs(s[1] - 1) < 1e-3
+    assert s[2] < 0.05
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "svd"])
+def test_orthogonalize_zero_and_batches_and_bf16(method: str) -> None:
+    assert torch.equal(orthogonalize(torch.zeros(5, 7), method), torch.zeros(5, 7))
+    g = torch.randn(9, 12, 6)
+    o = orthogonalize(g, method)
+    for i in range(9):
+        assert torch.allclose(o[i], orthogonalize(g[i], method), atol=1e-5)
+    gb = torch.randn(32, 16).bfloat16()
+    ob = orthogonalize(gb, method)
+    assert ob.dtype == torch.bfloat16
+    assert abs(torch.linalg.matrix_norm(ob.float(), ord=2) - 1) < 2e-2
+
+
+def test_orthogonalize_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="unknown orthogonalization method 'qr'"):
+        orthogonalize(torch.randn(3, 3), "qr")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(1, 40), n=st.integers(1, 40), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 999)
+)
+def test_spectral_norm_property(m: int, n: int, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    a = scale * torch.randn(m, n, generator=g, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(a, ord=2)
+    est, _ = spectral_norm(a)
+    assert abs(est - exact) / exact < 1e-3
