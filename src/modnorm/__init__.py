@@ -1,6 +1,7 @@
 """modnorm: the modular norm for PyTorch networks, so that learning rates transfer across
 width and depth (Large et al., "Scalable Optimization in the Modular Norm", NeurIPS 2024)."""
 
+from modnorm import optim as optim
 from modnorm.atoms import Conv2d, Embedding, Linear
 from modnorm.bonds import (
     GELU,

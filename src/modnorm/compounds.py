@@ -48,11 +48,12 @@ def _residual(block: Module, num_blocks: int, share: float) -> Module:
 def MLP(  # noqa: N802 - constructors of modules read as classes
     in_features: int, out_features: int, width: int, depth: int = 3, activation: str = "relu"
 ) -> Module:
-    """``depth`` Linear layers with an activation of sensitivity 1 between them."""
+    """``depth`` Linear layers with an activation of sensitivity 1 between them, on inputs
+    flattened to ``in_features``."""
     _positive("depth", depth)
     if depth == 1:
-        return Linear(in_features, out_features)
-    net: Module = Linear(in_features, width)
+        return Linear(in_features, out_features) @ Flatten()
+    net: Module = Linear(in_features, width) @ Flatten()
     for _ in range(depth - 2):
         net = Linear(width, width) @ _activation(activation) @ net
     return Linear(width, out_features) @ _activation(activation) @ net

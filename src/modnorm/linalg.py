@@ -6,6 +6,7 @@ float64): callers up-cast bf16/fp16 so rounding does not decide a norm or a dire
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,7 +32,7 @@ def spectral_norm(
     Lanczos converges in tens of steps on the clustered top spectra of random matrices, where
     plain power iteration needs hundreds. ``v0`` warm-starts it (pass the vector returned by the
     previous call): on slowly changing matrices such as an optimizer's updates it then stops
-    after two or three steps. Stops when the estimate changes by less than ``tol`` (relative).
+    after a few steps. Stops when the estimate changes by less than ``tol`` (relative).
     """
     dtype = _compute_dtype(w)
     a = w.to(dtype)
@@ -39,55 +40,56 @@ def spectral_norm(
     if min(m, n) <= _EXACT_BELOW:  # small: an exact SVD is cheaper than the iteration
         _, s, vh = torch.linalg.svd(a, full_matrices=False)
         return s[0], vh[0]
-    if v0 is None or v0.shape != (n,) or not torch.isfinite(v0).all() or v0.norm() == 0:
+    if v0 is None or v0.shape != (n,) or not bool(torch.isfinite(v0).all()) or v0.norm() == 0:
         gen = torch.Generator(device="cpu").manual_seed(n * 7919 + m)
-        v0 = torch.randn(n, generator=gen, dtype=dtype).to(a.device)
-    v = v0.to(device=a.device, dtype=dtype)
-    v = v / v.norm()
+        v0 = torch.randn(n, generator=gen, dtype=dtype)
     k_max = min(max_iter, m, n)
-    vs: list[Tensor] = [v]
-    us: list[Tensor] = []
-    alphas: list[Tensor] = []
-    betas: list[Tensor] = []
-    est = torch.zeros((), dtype=dtype, device=a.device)
-    u_prev, beta = None, None
-    for _ in range(k_max):
-        u = a @ vs[-1]
-        if u_prev is not None:
-            u = u - beta * u_prev
-        for q in us:  # full reorthogonalization: k is small, and it keeps Lanczos honest
-            u = u - (q @ u) * q
-        alpha = u.norm()
+    # Lanczos vectors, kept for full reorthogonalization (two matvecs per step, no loops).
+    us = torch.zeros(k_max, m, dtype=dtype, device=a.device)
+    vs = torch.zeros(k_max + 1, n, dtype=dtype, device=a.device)
+    v = v0.to(device=a.device, dtype=dtype)
+    vs[0] = v / v.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    est, k = 0.0, 0
+    for k in range(k_max):
+        u = a @ vs[k]
+        if k > 0:
+            u -= betas[-1] * us[k - 1]
+            u -= us[:k].T @ (us[:k] @ u)
+        alpha = float(u.norm())
         if alpha <= torch.finfo(dtype).tiny:
             break
-        u = u / alpha
-        us.append(u)
+        us[k] = u / alpha
         alphas.append(alpha)
-        v_next = a.T @ u - alpha * vs[-1]
-        for q in vs:
-            v_next = v_next - (q @ v_next) * q
-        beta = v_next.norm()
-        # Ritz value: the top singular value of the k x k upper-bidiagonal matrix built so far.
-        b = torch.diag(torch.stack(alphas))
-        if len(betas) > 0:
-            b = b + torch.diag(torch.stack(betas), 1)
-        new_est = torch.linalg.svdvals(b)[0]
-        done = (new_est - est).abs() <= tol * new_est
+        r = a.T @ us[k] - alpha * vs[k]
+        r -= vs[: k + 1].T @ (vs[: k + 1] @ r)
+        beta = float(r.norm())
+        new_est = _top_singular(alphas, betas)[0]
+        done = abs(new_est - est) <= tol * new_est or beta <= tol * new_est
         est = new_est
-        if done or beta <= tol * est:
+        if done:
             break
         betas.append(beta)
-        vs.append(v_next / beta)
-        u_prev = u
-    if est == 0:
-        return est, v
-    # Right singular vector of the Ritz value, lifted back: the next call's warm start.
-    b = torch.diag(torch.stack(alphas))
-    if len(alphas) > 1:
-        b = b + torch.diag(torch.stack(betas[: len(alphas) - 1]), 1)
-    _, _, vh = torch.linalg.svd(b)
-    v_top = torch.stack(vs[: len(alphas)], dim=1) @ vh[0]
-    return est, v_top / v_top.norm()
+        vs[k + 1] = r / beta
+    if not alphas:
+        return torch.zeros((), dtype=dtype, device=a.device), vs[0]
+    sigma, right = _top_singular(alphas, betas)
+    # The Ritz vector lifted back: the next call's warm start.
+    j = len(alphas)
+    v_top = torch.as_tensor(right, dtype=dtype, device=a.device) @ vs[:j]
+    return torch.tensor(sigma, dtype=dtype, device=a.device), v_top / v_top.norm()
+
+
+def _top_singular(alphas: list[float], betas: list[float]) -> tuple[float, np.ndarray]:
+    """Top singular value and right singular vector of the upper-bidiagonal matrix with
+    diagonal ``alphas`` and superdiagonal ``betas`` (a few numbers: numpy, no device work)."""
+    k = len(alphas)
+    b = np.diag(np.asarray(alphas, dtype=np.float64))
+    if k > 1:
+        b += np.diag(np.asarray(betas[: k - 1], dtype=np.float64), 1)
+    _, s, vh = np.linalg.svd(b)
+    return float(s[0]), vh[0]
 
 
 @torch.no_grad()

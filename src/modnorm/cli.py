@@ -1,0 +1,327 @@
+"""The ``modnorm`` command: ``demo``, ``sweep``, ``train`` and ``plot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from modnorm import experiments as ex
+
+# The demo: a ResMLP on digits with fresh input noise every step, so the training loss never
+# reaches zero and still tells learning rates apart (DESIGN §3: plain digits is memorized).
+DEMO_NOISE = 1.0
+DEMO = {
+    "widths": [32, 64, 128, 256, 512],
+    "depths": [1, 2, 4, 8, 16],
+    "lrs": "2^-12:2^2",
+    "steps": 200,
+}
+DEMO_QUICK = {"widths": [32, 128], "depths": [1, 4], "lrs": "2^-12:2^2:2", "steps": 100}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        return ex.parse_lrs(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modnorm",
+        description="Learning-rate transfer in the modular norm: sweeps, training, plots.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="width and depth sweeps of a ResMLP on digits: modnorm Adam vs torch Adam"
+    )
+    demo.add_argument(
+        "--out", default="modnorm-demo", help="output directory (default modnorm-demo)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="a reduced grid that runs in about a minute"
+    )
+    _common(demo)
+
+    sw = sub.add_parser("sweep", help="a learning-rate sweep over widths or depths")
+    sw.add_argument("--model", default="resmlp", choices=ex.MODELS)
+    sw.add_argument("--data", default="digits", help="digits, text:PATH or cifar10:DIR")
+    sw.add_argument("--scale", default="width", choices=ex.SCALES)
+    sw.add_argument("--values", type=_ints, default=[32, 64, 128], help="e.g. 32,64,128")
+    sw.add_argument("--lrs", type=_lrs, default=ex.parse_lrs("2^-8:2^0"), help="e.g. 2^-8:2^2")
+    sw.add_argument(
+        "--optimizers", type=_names, default=["modnorm-adam", "adam"], help=",".join(ex.OPTIMIZERS)
+    )
+    sw.add_argument("--steps", type=int, default=200)
+    sw.add_argument("--batch-size", type=int, default=128)
+    sw.add_argument("--seeds", type=int, default=1)
+    sw.add_argument("--width", type=int, default=64, help="fixed width of a depth sweep")
+    sw.add_argument("--depth", type=int, default=2, help="fixed depth of a width sweep")
+    sw.add_argument("--input-noise", type=float, default=0.0, help="std of fresh noise on inputs")
+    sw.add_argument("--context", type=int, default=64)
+    sw.add_argument("--heads", type=int, default=4)
+    sw.add_argument("--schedule", default="linear", choices=("linear", "constant"))
+    sw.add_argument(
+        "--out", required=True, help="output directory; a partial sweep there is resumed"
+    )
+    _common(sw)
+
+    tr = sub.add_parser("train", help="one training run with validation and checkpoints")
+    tr.add_argument("--model", default="gpt", choices=ex.MODELS)
+    tr.add_argument("--data", required=True, help="digits, text:PATH or cifar10:DIR")
+    tr.add_argument("--optimizer", default="modnorm-adam", choices=ex.OPTIMIZERS)
+    tr.add_argument("--lr", type=float, default=0.5)
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--width", type=int, default=128)
+    tr.add_argument("--depth", type=int, default=4)
+    tr.add_argument("--heads", type=int, default=4)
+    tr.add_argument("--context", type=int, default=64)
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=12)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--schedule", default="linear", choices=("linear", "constant"))
+    tr.add_argument("--input-noise", type=float, default=0.0)
+    tr.add_argument("--eval-every", type=int, default=100)
+    tr.add_argument("--checkpoint-every", type=int, default=500)
+    tr.add_argument(
+        "--out", required=True, help="output directory for checkpoint.pt and train.json"
+    )
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    _common(tr)
+
+    pl = sub.add_parser("plot", help="redraw the figure of a sweep from its results.json")
+    pl.add_argument("dirs", nargs="+", help="sweep directories (each holds results.json)")
+    pl.add_argument("--metric", default="train_loss", choices=("train_loss", "val_loss"))
+    pl.add_argument("--out", default=None, help="PNG path (default DIR/sweep.png)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "train":
+            return _train(args)
+        return _plot(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"modnorm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"unknown device {name!r}: use cpu or cuda")
+    return name
+
+
+def _setup() -> None:
+    import torch
+
+    torch.set_flush_denormal(True)  # near-zero Adam states slow CPUs several times over
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from modnorm.data import load
+    from modnorm.plots import draw_curves, draw_sweeps
+
+    cfg = ex.SweepConfig(
+        model=args.model,
+        data=args.data,
+        scale=args.scale,
+        values=args.values,
+        lrs=args.lrs,
+        optimizers=args.optimizers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seeds=args.seeds,
+        width=args.width,
+        depth=args.depth,
+        input_noise=args.input_noise,
+        context=args.context,
+        num_heads=args.heads,
+        schedule=args.schedule,
+    )
+    cfg.validate()
+    device = _device(args.device)
+    ex.load_results(Path(args.out), cfg)  # a different sweep there: fail before any work
+    _setup()
+    data = load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
+    res = ex.run_sweep(cfg, args.out, data, device, progress=not args.no_progress)
+    draw_sweeps([res], Path(args.out) / "sweep.png")
+    draw_curves(res, Path(args.out) / "curves.png")
+    print(table([res]))
+    print(f"wrote {Path(args.out) / 'results.json'}, sweep.png and curves.png")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from modnorm.data import digits
+    from modnorm.plots import draw_sweeps
+
+    device = _device(args.device)
+    out = Path(args.out)
+    grid: dict[str, Any] = DEMO_QUICK if args.quick else DEMO
+    widths, depths, lrs, steps = (
+        grid["widths"],
+        grid["depths"],
+        ex.parse_lrs(grid["lrs"]),
+        grid["steps"],
+    )
+    common = dict(
+        model="resmlp",
+        data="digits",
+        lrs=lrs,
+        optimizers=["modnorm-adam", "adam"],
+        steps=steps,
+        batch_size=128,
+        input_noise=DEMO_NOISE,
+        width=64,
+        depth=2,
+    )
+    sweeps = [
+        ex.SweepConfig(scale="width", values=widths, **common),
+        ex.SweepConfig(scale="depth", values=depths, **common),
+    ]
+    for cfg in sweeps:
+        ex.load_results(out / cfg.scale, cfg)
+    _setup()
+    data = digits(input_noise=DEMO_NOISE)
+    results = [
+        ex.run_sweep(cfg, out / cfg.scale, data, device, progress=not args.no_progress)
+        for cfg in sweeps
+    ]
+    fig = draw_sweeps(results, out / "demo.png")
+    text = table(results)
+    (out / "table.md").write_text(text + "\n")
+    ex.write_json_atomic(out / "results.json", {"sweeps": results})
+    print(text)
+    print(f"wrote {out / 'results.json'}, {fig} and {out / 'table.md'}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from modnorm.data import load
+
+    cfg = ex.TrainConfig(
+        model=args.model,
+        data=args.data,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        width=args.width,
+        depth=args.depth,
+        num_heads=args.heads,
+        context=args.context,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        schedule=args.schedule,
+        input_noise=args.input_noise,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+    )
+    cfg.sweep_config().validate()
+    device = _device(args.device)
+    _setup()
+    data = load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
+    res = ex.train(
+        cfg, args.out, data, resume=args.resume, device=device, progress=not args.no_progress
+    )
+    last = res["val"][-1] if res["val"] else {}
+    print(f"train loss {res['train_loss']:.4f} (mean of the last 10% of steps)", end="")
+    print(f", validation loss {last['loss']:.4f}" if last else "")
+    print(f"wrote {Path(args.out) / 'train.json'} and {Path(args.out) / 'checkpoint.pt'}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from modnorm.plots import draw_sweeps
+
+    sweeps: list[dict[str, Any]] = []
+    for d in args.dirs:
+        path = Path(d) / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no results.json in {d}")
+        saved = json.loads(path.read_text())
+        for s in saved.get("sweeps", [saved]):
+            if "summary" not in s:
+                s["summary"] = ex.summarize(s["runs"], s["config"]["scale"])
+            sweeps.append(s)
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "sweep.png"
+    draw_sweeps(sweeps, out, metric=args.metric)
+    print(f"wrote {out}")
+    return 0
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: best learning rate (log2) per scale, drift, regret, scaling."""
+    lines = []
+    for res in results:
+        cfg = res["config"]
+        values = sorted(cfg["values"])
+        lines.append(
+            f"\n{cfg['model']} {cfg['scale']} sweep on {cfg['data']} "
+            f"({cfg['steps']} steps, {cfg['seeds']} seed(s))\n"
+        )
+        head = " | ".join(f"{cfg['scale']} {v}" for v in values)
+        lines.append(f"| optimizer | {head} | drift (octaves) | regret | best loss improves |")
+        lines.append("|---" * (len(values) + 4) + "|")
+        for opt, s in sorted(
+            res["summary"].items(), key=lambda kv: (not kv[0].startswith("modnorm"), kv[0])
+        ):
+            cells = []
+            for v in values:
+                lr = s["best_lr"][str(v)]
+                mark = "*" if s["edge"][str(v)] else ""
+                cells.append("diverged" if lr is None else f"2^{math.log2(lr):+.1f}{mark}")
+            drift = "—" if s["drift_octaves"] is None else f"{s['drift_octaves']:.1f}"
+            regret = "—" if s["regret"] is None else f"{s['regret']:.1%}"
+            lines.append(
+                f"| {opt} | "
+                + " | ".join(cells)
+                + f" | {drift} | {regret} | {'yes' if s['improves_with_scale'] else 'no'} |"
+            )
+    lines.append(
+        "\nbest lr = geometric middle of the learning rates within 1% of the lowest loss; "
+        "* = on the grid's edge"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,564 @@
+"""Learning-rate sweeps across width and depth, and the metrics that say whether the best
+learning rate transfers (DESIGN §3): best learning rate per scale, drift, regret, scaling."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from modnorm import baselines, compounds
+from modnorm import optim as mn_optim
+from modnorm.data import Dataset
+
+MODELS = ("mlp", "resmlp", "rescnn", "gpt")
+OPTIMIZERS = ("modnorm-adam", "modnorm-sgd", "modnorm-dual", "adam", "sgd")
+SCALES = ("width", "depth")
+SCHEMA = 1
+
+
+@dataclass
+class SweepConfig:
+    """Everything that defines a sweep; two sweeps with equal configs are the same sweep."""
+
+    model: str = "resmlp"
+    data: str = "digits"
+    scale: str = "width"
+    values: list[int] = field(default_factory=lambda: [32, 64, 128])
+    lrs: list[float] = field(default_factory=lambda: [2.0**k for k in range(-8, 1)])
+    optimizers: list[str] = field(default_factory=lambda: ["modnorm-adam", "adam"])
+    steps: int = 200
+    batch_size: int = 128
+    seeds: int = 1
+    width: int = 64  # fixed width of a depth sweep
+    depth: int = 2  # fixed depth (blocks) of a width sweep
+    input_noise: float = 0.0  # fresh Gaussian noise on every training batch (classification)
+    context: int = 64  # text models
+    num_heads: int = 4
+    schedule: str = "linear"  # "linear" decay to zero, or "constant"
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}: choose one of {list(MODELS)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}: choose width or depth")
+        for o in self.optimizers:
+            if o not in OPTIMIZERS:
+                raise ValueError(f"unknown optimizer {o!r}: choose from {list(OPTIMIZERS)}")
+        if not self.values or any(int(v) < 1 for v in self.values):
+            raise ValueError(f"scale values must be positive integers, got {self.values}")
+        if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
+            raise ValueError(f"learning rates must be positive numbers, got {self.lrs}")
+        if self.steps < 1 or self.batch_size < 1 or self.seeds < 1:
+            raise ValueError("steps, batch size and seeds must be positive")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}: use linear or constant")
+        if self.model == "gpt" and not self.data.startswith("text:"):
+            raise ValueError("the gpt model needs text data: --data text:PATH")
+        if self.model != "gpt" and self.data.startswith("text:"):
+            raise ValueError(f"text data needs the gpt model, not {self.model}")
+
+
+def parse_lrs(text: str) -> list[float]:
+    """``"2^-8:2^2"`` (every power of two between, inclusive), ``"2^-8:2^2:0.5"`` (step in
+    octaves) or a comma list ``"0.001,0.01,0.1"``."""
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) not in (2, 3):
+                raise ValueError
+            lo, hi = (_log2(p) for p in parts[:2])
+            step = float(parts[2]) if len(parts) == 3 else 1.0
+            if step <= 0 or hi < lo:
+                raise ValueError
+            n = round((hi - lo) / step)
+            return [2.0 ** (lo + i * step) for i in range(n + 1)]
+        lrs = [float(p) for p in text.split(",")]
+        if not lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
+            raise ValueError
+        return sorted(lrs)
+    except ValueError:
+        raise ValueError(
+            f"cannot read the learning-rate grid {text!r}: use 2^-8:2^2, 2^-8:2^2:0.5 "
+            "or 0.001,0.01,0.1"
+        ) from None
+
+
+def _log2(p: str) -> float:
+    p = p.strip()
+    if p.startswith("2^"):
+        return float(p[2:])
+    v = float(p)
+    if v <= 0:
+        raise ValueError
+    return math.log2(v)
+
+
+# ---- one run -------------------------------------------------------------------------------
+
+
+def build_model(
+    cfg: SweepConfig, optimizer: str, width: int, depth: int, data: Dataset
+) -> nn.Module:
+    """The model of ``cfg`` at one scale: a modnorm compound for modnorm optimizers, the
+    same architecture in plain ``torch.nn`` (standard practice) for the others."""
+    modular = optimizer.startswith("modnorm")
+    classes = data.num_classes
+    if cfg.model == "gpt":
+        if modular:
+            return compounds.GPT(classes, cfg.context, width, cfg.num_heads, depth)
+        return baselines.TorchGPT(classes, cfg.context, width, cfg.num_heads, depth)
+    shape = data.in_shape
+    if cfg.model == "rescnn":
+        if len(shape) != 3:
+            raise ValueError("rescnn needs image data of shape (C, H, W)")
+        if modular:
+            return compounds.ResCNN(shape[0], classes, width, depth)
+        return baselines.torch_rescnn(shape[0], classes, width, depth)
+    features = math.prod(shape)
+    if cfg.model == "mlp":
+        if modular:
+            return compounds.MLP(features, classes, width, depth + 1)
+        return baselines.torch_mlp(features, classes, width, depth + 1)
+    if modular:
+        return compounds.ResMLP(features, classes, width, depth)
+    return baselines.torch_resmlp(features, classes, width, depth)
+
+
+def build_optimizer(
+    name: str, model: nn.Module, lr: float, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """The optimizers a sweep compares; the torch ones use their default hyperparameters."""
+    wd = weight_decay
+    if name == "modnorm-adam":
+        return mn_optim.Adam(model, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
+    if name == "modnorm-sgd":
+        return mn_optim.SGD(model, lr=lr, momentum=0.9, weight_decay=wd)  # type: ignore[arg-type]
+    if name == "modnorm-dual":
+        return mn_optim.Dual(model, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
+    if name == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {name!r}: choose from {list(OPTIMIZERS)}")
+
+
+def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, cfg: SweepConfig, device: str
+) -> tuple[float, float | None]:
+    """Held-out loss, and accuracy for classification; text uses 16 fixed windows × 32."""
+    model.eval()
+    try:
+        if data.kind == "text":
+            assert data.val is not None
+            from modnorm.data import text_windows
+
+            gen = torch.Generator().manual_seed(0)
+            losses = []
+            for _ in range(16):
+                x, y = text_windows(data.val, 32, cfg.context, gen)
+                losses.append(float(loss_fn(model(x.to(device)), y.to(device))))
+            return sum(losses) / len(losses), None
+        assert data.x_test is not None and data.y_test is not None
+        logits = torch.cat([model(xb.to(device)) for xb in data.x_test.split(1000)])
+        y = data.y_test.to(device)
+        return float(loss_fn(logits, y)), float((logits.argmax(-1) == y).float().mean())
+    finally:
+        model.train()
+
+
+def train_one(
+    cfg: SweepConfig,
+    data: Dataset,
+    optimizer: str,
+    width: int,
+    depth: int,
+    lr: float,
+    seed: int,
+    device: str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train one model for ``cfg.steps`` steps and return its metrics. A run whose loss goes
+    non-finite or above 10× its first loss is stopped and marked diverged."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, optimizer, width, depth, data).to(device)
+    opt = build_optimizer(optimizer, model, lr)
+    if cfg.schedule == "linear":
+        sched: Any = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)
+    else:
+        sched = None
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    losses: list[float] = []
+    diverged = False
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        x, y = data.batch(cfg.batch_size, gen, cfg.context)
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        value = loss.item()
+        losses.append(value)
+        if not math.isfinite(value) or value > 10 * losses[0]:
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        try:
+            opt.step()
+        except ValueError:  # non-finite gradients: the run has diverged
+            diverged = True
+            break
+        if sched is not None:
+            sched.step()
+        if on_step is not None:
+            on_step(step, value)
+    wall = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10) :]
+    result: dict[str, Any] = {
+        "optimizer": optimizer,
+        "width": width,
+        "depth": depth,
+        "lr": lr,
+        "seed": seed,
+        "diverged": diverged,
+        "steps_done": len(losses),
+        "train_loss": math.inf if diverged else sum(tail) / len(tail),
+        "wall_time": wall,
+        "curve": _downsample(losses, 100),
+    }
+    if diverged:
+        result.update(val_loss=math.inf, accuracy=None)
+    else:
+        val, acc = evaluate(model, data, cfg, device)
+        result.update(val_loss=val, accuracy=acc)
+    return result
+
+
+def _downsample(xs: list[float], n: int) -> list[float]:
+    if len(xs) <= n:
+        return list(xs)
+    return [xs[round(i * (len(xs) - 1) / (n - 1))] for i in range(n)]
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+
+
+def best_lr(
+    lrs: Sequence[float], losses: Sequence[float], tol: float = 0.01, floor: float = 0.01
+) -> dict[str, Any]:
+    """The best learning rate: the geometric middle of the learning rates whose loss is within
+    ``tol`` (relative, with ``floor`` under the denominator) of the minimum, flagged ``edge``
+    when the minimum sits on the first or last learning rate of the grid."""
+    pairs = sorted((lr, loss) for lr, loss in zip(lrs, losses, strict=True))
+    finite = [(lr, loss) for lr, loss in pairs if math.isfinite(loss)]
+    if not finite:
+        return {"lr": None, "loss": math.inf, "edge": True, "near": []}
+    low = min(loss for _, loss in finite)
+    near = [lr for lr, loss in finite if loss <= low + tol * max(low, floor)]
+    middle = 2.0 ** ((math.log2(near[0]) + math.log2(near[-1])) / 2)
+    argmin = min(finite, key=lambda p: p[1])[0]
+    edge = argmin in (pairs[0][0], pairs[-1][0])
+    return {"lr": middle, "loss": low, "edge": edge, "near": near}
+
+
+def summarize(runs: Sequence[dict[str, Any]], scale: str, floor: float = 0.05) -> dict[str, Any]:
+    """Per optimizer: best lr per scale, drift (octaves), regret at the smallest model's best
+    lr (worst relative excess over scales, denominator floored at ``floor``), best loss per
+    scale and whether it improves with scale, divergences. Losses are averaged over seeds."""
+    out: dict[str, Any] = {}
+    for opt in sorted({r["optimizer"] for r in runs}):
+        mine = [r for r in runs if r["optimizer"] == opt]
+        table: dict[int, dict[float, float]] = {}
+        for r in mine:
+            value = r[scale]
+            cell = table.setdefault(value, {})
+            cell.setdefault(r["lr"], [])  # type: ignore[arg-type]
+            cell[r["lr"]].append(r["train_loss"])  # type: ignore[attr-defined]
+        curves = {
+            v: {lr: _mean(ls) for lr, ls in sorted(cell.items())}  # type: ignore[arg-type]
+            for v, cell in sorted(table.items())
+        }
+        best = {v: best_lr(list(c), list(c.values())) for v, c in curves.items()}
+        good = [b["lr"] for b in best.values() if b["lr"] is not None]
+        drift = (
+            math.log2(max(good)) - math.log2(min(good)) if len(good) == len(best) and good else None
+        )
+        scales = sorted(curves)
+        regret = None
+        if best[scales[0]]["lr"] is not None:
+            ref = best[scales[0]]["lr"]
+            worst = 0.0
+            for v in scales:
+                c = curves[v]
+                nearest = min(c, key=lambda lr: abs(math.log2(lr) - math.log2(ref)))
+                b = best[v]["loss"]
+                excess = (c[nearest] - b) / max(b, floor) if math.isfinite(c[nearest]) else math.inf
+                worst = max(worst, excess)
+            regret = worst
+        best_losses = [best[v]["loss"] for v in scales]
+        out[opt] = {
+            "curves": {
+                str(v): {repr(lr): loss for lr, loss in c.items()} for v, c in curves.items()
+            },
+            "best_lr": {str(v): best[v]["lr"] for v in scales},
+            "best_loss": {str(v): best[v]["loss"] for v in scales},
+            "edge": {str(v): best[v]["edge"] for v in scales},
+            "drift_octaves": drift,
+            "regret": regret,
+            "improves_with_scale": all(b <= a * 1.02 for a, b in itertools.pairwise(best_losses)),
+            "diverged": sum(1 for r in mine if r["diverged"]),
+            "wall_time": sum(r["wall_time"] for r in mine),
+        }
+    return out
+
+
+def _mean(xs: Sequence[float]) -> float:
+    if any(not math.isfinite(x) for x in xs):
+        return math.inf
+    return sum(xs) / len(xs)
+
+
+# ---- sweeps ----------------------------------------------------------------------------------
+
+
+def run_key(optimizer: str, value: int, lr: float, seed: int) -> str:
+    return f"{optimizer}|{value}|{lr!r}|{seed}"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write through a temporary file and ``os.replace``: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_results(out_dir: Path, cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Finished runs of the same sweep in ``out_dir``; a different sweep there is an error."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not a results file: {e}") from None
+    if saved.get("config") != asdict(cfg):
+        raise ValueError(
+            f"{path} holds a different sweep; use another --out directory (nothing was overwritten)"
+        )
+    return list(saved.get("runs", []))
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    out_dir: str | Path,
+    data: Dataset,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every (optimizer, scale, lr, seed) of ``cfg`` not already in ``out_dir``, saving
+    ``results.json`` after each run, and return the results with their summary."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    out = Path(out_dir)
+    runs = load_results(out, cfg)
+    done = {run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) for r in runs}
+    todo = [
+        (o, v, lr, s)
+        for o in cfg.optimizers
+        for v in cfg.values
+        for lr in cfg.lrs
+        for s in range(cfg.seeds)
+        if run_key(o, v, lr, s) not in done
+    ]
+    if done:
+        log(f"resuming: {len(done)} runs already in {out / 'results.json'}, {len(todo)} to go")
+    bar = tqdm(todo, desc=f"{cfg.model} {cfg.scale} sweep", disable=not progress, unit="run")
+    for o, v, lr, s in bar:
+        width, depth = (v, cfg.depth) if cfg.scale == "width" else (cfg.width, v)
+        step_bar = tqdm(total=cfg.steps, leave=False, disable=not progress, unit="step")
+
+        def tick(step: int, loss: float, step_bar: Any = step_bar) -> None:
+            step_bar.update(1)
+            if step % 20 == 0:
+                step_bar.set_postfix(loss=f"{loss:.3f}")
+
+        r = train_one(cfg, data, o, width, depth, lr, s, device, on_step=tick)
+        step_bar.close()
+        runs.append(r)
+        status = (
+            "diverged" if r["diverged"] else f"train {r['train_loss']:.4f}  val {r['val_loss']:.4f}"
+        )
+        bar.write(
+            f"{o:>13} {cfg.scale} {v:>5} lr 2^{math.log2(lr):+.1f} seed {s}: {status}  "
+            f"({r['wall_time']:.1f}s)"
+        )
+        write_json_atomic(
+            out / "results.json", {"schema": SCHEMA, "config": asdict(cfg), "runs": runs}
+        )
+    results = {
+        "schema": SCHEMA,
+        "config": asdict(cfg),
+        "runs": runs,
+        "summary": summarize(runs, cfg.scale),
+    }
+    write_json_atomic(out / "results.json", results)
+    return results
+
+
+# ---- a single training run with checkpoints ----------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """One training run (``modnorm train``)."""
+
+    model: str = "gpt"
+    data: str = "digits"
+    optimizer: str = "modnorm-adam"
+    lr: float = 0.5
+    weight_decay: float = 0.0
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    context: int = 64
+    steps: int = 2000
+    batch_size: int = 12
+    seed: int = 0
+    schedule: str = "linear"
+    input_noise: float = 0.0
+    eval_every: int = 100
+    checkpoint_every: int = 500
+
+    def sweep_config(self) -> SweepConfig:
+        return SweepConfig(
+            model=self.model,
+            data=self.data,
+            optimizers=[self.optimizer],
+            steps=self.steps,
+            batch_size=self.batch_size,
+            input_noise=self.input_noise,
+            context=self.context,
+            num_heads=self.num_heads,
+            schedule=self.schedule,
+            lrs=[self.lr],
+            values=[self.width],
+            depth=self.depth,
+        )
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    data: Dataset,
+    resume: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train, evaluating every ``eval_every`` steps and saving ``checkpoint.pt`` (atomically)
+    every ``checkpoint_every`` steps and at the end. ``resume=True`` continues from the
+    checkpoint exactly: model, optimizer, schedule, data stream and log are all restored.
+    ``stop_after`` ends the run early after that many steps (to test interruption)."""
+    from tqdm.auto import tqdm
+
+    sweep = cfg.sweep_config()
+    sweep.validate()
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    torch.manual_seed(cfg.seed)
+    model = build_model(sweep, cfg.optimizer, cfg.width, cfg.depth, data).to(device)
+    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
+    factor = (lambda s: 1 - s / cfg.steps) if cfg.schedule == "linear" else (lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    history: dict[str, list[Any]] = {"train": [], "val": []}
+    start = 0
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        if ckpt["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path} was made with a different configuration; not resuming")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history = ckpt["history"]
+        start = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start}")
+    elif ckpt_path.exists():
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+
+    def save(step: int) -> None:
+        state = {
+            "config": asdict(cfg),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out, prefix="checkpoint", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, unit="step")
+    for step in bar:
+        x, y = data.batch(cfg.batch_size, gen, cfg.context)
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step}: training diverged")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["train"].append(loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            val, acc = evaluate(model, data, sweep, device)
+            history["val"].append({"step": step + 1, "loss": val, "accuracy": acc})
+            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            save(step + 1)
+    tail = history["train"][-max(1, len(history["train"]) // 10) :]
+    summary = {
+        "config": asdict(cfg),
+        "steps_done": len(history["train"]),
+        "train_loss": sum(tail) / max(1, len(tail)),
+        "val": history["val"],
+        "train_curve": history["train"],
+    }
+    write_json_atomic(out / "train.json", summary)
+    return summary

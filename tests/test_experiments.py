@@ -1,0 +1,89 @@
+import math
+
+import pytest
+
+from modnorm import experiments as ex
+
+
+def test_parse_lrs() -> None:
+    assert ex.parse_lrs("2^-2:2^1") == [0.25, 0.5, 1.0, 2.0]
+    assert ex.parse_lrs("2^-1:2^0:0.5") == pytest.approx([0.5, 2**-0.5, 1.0])
+    assert ex.parse_lrs("0.1,0.001,0.01") == [0.001, 0.01, 0.1]
+    assert ex.parse_lrs("0.25:1") == [0.25, 0.5, 1.0]
+    for bad in ("2^a:2^1", "1:0.5", "0.1,-1", "", "2^-1:2^0:0", "a:b:c:d"):
+        with pytest.raises(ValueError, match="cannot read the learning-rate grid"):
+            ex.parse_lrs(bad)
+
+
+def test_best_lr_is_the_middle_of_the_near_ties() -> None:
+    lrs = [2.0**k for k in range(-4, 1)]  # 1/16 ... 1
+    losses = [1.0, 0.5, 0.300, 0.301, 0.6]  # 1/4 and 1/2 tie within 1 %
+    b = ex.best_lr(lrs, losses)
+    assert b["lr"] == pytest.approx(2**-1.5)
+    assert b["near"] == [0.25, 0.5] and not b["edge"]
+    assert ex.best_lr(lrs, [0.1, 0.5, 0.6, 0.7, 0.8])["edge"]  # minimum on the first lr
+    none = ex.best_lr(lrs, [math.inf] * 5)
+    assert none["lr"] is None and none["edge"]
+
+
+def _run(opt: str, width: int, lr: float, loss: float, seed: int = 0) -> dict:  # type: ignore[type-arg]
+    return {
+        "optimizer": opt,
+        "width": width,
+        "depth": 2,
+        "lr": lr,
+        "seed": seed,
+        "train_loss": loss,
+        "diverged": not math.isfinite(loss),
+        "wall_time": 1.0,
+    }
+
+
+def test_drift_and_regret_on_a_hand_made_table() -> None:
+    lrs = [0.125, 0.25, 0.5, 1.0]
+    table = {
+        # width 32: best at 0.25; width 128: best at 1.0 (2 octaves away), diverges at nothing
+        32: [0.9, 0.40, 0.6, 0.8],
+        128: [0.9, 0.70, 0.5, 0.20],
+    }
+    runs = [
+        _run("a", w, lr, loss) for w, ls in table.items() for lr, loss in zip(lrs, ls, strict=True)
+    ]
+    # a second optimizer whose best stays put, with one divergence and two seeds
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        runs += [
+            _run("b", 32, lr, loss + shift, seed)
+            for lr, loss in zip(lrs, [0.9, 0.3, 0.5, 0.7], strict=True)
+        ]
+        runs += [
+            _run("b", 128, lr, loss + shift, seed)
+            for lr, loss in zip(lrs, [0.9, 0.2, 0.4, math.inf], strict=True)
+        ]
+    s = ex.summarize(runs, "width")
+    assert s["a"]["best_lr"] == {"32": 0.25, "128": 1.0}
+    assert s["a"]["drift_octaves"] == pytest.approx(2.0)
+    # regret: at lr 0.25 width 128 has 0.70 against its best 0.20 → 250 %
+    assert s["a"]["regret"] == pytest.approx((0.70 - 0.20) / 0.20)
+    assert s["a"]["edge"] == {"32": False, "128": True}
+    assert s["a"]["improves_with_scale"]
+    assert s["b"]["drift_octaves"] == 0
+    assert s["b"]["regret"] == 0
+    assert s["b"]["diverged"] == 2
+    assert s["b"]["best_loss"]["128"] == pytest.approx(0.21)  # mean over seeds
+
+
+def test_regret_denominator_has_a_floor() -> None:
+    lrs = [0.5, 1.0, 2.0]
+    runs = [_run("a", 32, lr, x) for lr, x in zip(lrs, [0.2, 0.1, 0.3], strict=True)]
+    runs += [_run("a", 64, lr, x) for lr, x in zip(lrs, [0.2, 0.011, 0.001], strict=True)]
+    s = ex.summarize(runs, "width", floor=0.05)
+    assert s["a"]["regret"] == pytest.approx((0.011 - 0.001) / 0.05)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        ex.SweepConfig(model="vit").validate()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        ex.SweepConfig(optimizers=["lion"]).validate()
+    with pytest.raises(ValueError, match="needs text data"):
+        ex.SweepConfig(model="gpt").validate()
