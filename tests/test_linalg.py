@@ -102,3 +102,30 @@ def test_spectral_norm_property(m: int, n: int, scale: float, seed: int) -> None
     exact = torch.linalg.matrix_norm(a, ord=2)
     est, _ = spectral_norm(a)
     assert abs(est - exact) / exact < 1e-3
+
+
+def test_warm_start_on_a_stale_singular_vector_still_finds_the_top() -> None:
+    # The previous step's top vector may now be the second one: started exactly there, the
+    # Krylov space is invariant and a plain warm start stalls on σ₂.
+    u, _ = torch.linalg.qr(torch.randn(300, 200, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(200, 200, dtype=torch.float64))
+    s = torch.linspace(0.9, 0.1, 200, dtype=torch.float64)
+    s[0] = 1.0
+    a = u @ torch.diag(s) @ w.T
+    est, v = spectral_norm(a, v0=w[:, 1].clone())
+    assert abs(est - 1.0) < 1e-4
+    assert abs(abs(v @ w[:, 0]) - 1) < 1e-3
+
+
+def test_batched_spectral_norms_match_one_by_one() -> None:
+    from modnorm.linalg import spectral_norms
+
+    a = torch.randn(5, 60, 40)
+    a[2] = 0  # a zero matrix in the batch does not disturb the others
+    sigma, v = spectral_norms(a)
+    exact = torch.linalg.matrix_norm(a, ord=2)
+    assert torch.allclose(sigma, exact, rtol=1e-3)
+    assert sigma[2] == 0
+    b = a + 1e-3 * torch.randn_like(a)
+    warm, _ = spectral_norms(b, v)
+    assert torch.allclose(warm, torch.linalg.matrix_norm(b, ord=2), rtol=1e-3)

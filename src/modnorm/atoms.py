@@ -7,12 +7,13 @@ directly: at orthogonal initialization a Linear's weight has spectral norm 1.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modnorm.linalg import orthogonalize, spectral_norm
+from modnorm.linalg import orthogonalize, spectral_norms
 from modnorm.modules import Atom
 
 
@@ -22,7 +23,75 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-class Linear(Atom):
+class _MatrixAtom(Atom):
+    """An atom whose weight is a stack of ``P`` matrices ``(P, m, n)`` (one for a Linear, one
+    per kernel position for a Conv2d), normed by the largest spectral norm among them.
+
+    Norms and dual maps of many such atoms are computed together: matrices of one shape are
+    stacked, so a network's spectral norms cost one batched Lanczos run per shape and its
+    orthogonalizations one batched Newton–Schulz run per shape, whatever the depth.
+    """
+
+    _v: Tensor  # (P, n) warm starts of the spectral-norm iteration; not part of the state
+
+    @classmethod
+    def batch_family(cls) -> type[Atom]:
+        return _MatrixAtom
+
+    def _mats(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _unmats(self, mats: Tensor, like: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def atom_norm(self, t: Tensor) -> Tensor:
+        return type(self).atom_norms([self], [t])[0]
+
+    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
+        return type(self).atom_duals([self], [g], method)[0]
+
+    @classmethod
+    def atom_norms(cls, atoms: list[Atom], tensors: list[Tensor]) -> list[Tensor]:
+        matrix_atoms = cast(list[_MatrixAtom], atoms)
+        mats = [a._mats(t) for a, t in zip(matrix_atoms, tensors, strict=True)]
+        out: list[Tensor] = [torch.zeros(())] * len(atoms)
+        for idx in _groups(mats):
+            stacked = torch.cat([mats[i] for i in idx])
+            warm = [cast(Tensor, matrix_atoms[i]._v) for i in idx]
+            ok = all(w.shape == mats[i].shape[::2] for w, i in zip(warm, idx, strict=True))
+            sigma, v = spectral_norms(stacked, torch.cat(warm) if ok else None)
+            start = 0
+            for i in idx:
+                p = mats[i].shape[0]
+                matrix_atoms[i]._v = v[start : start + p]
+                out[i] = sigma[start : start + p].max()
+                start += p
+        return out
+
+    @classmethod
+    def atom_duals(cls, atoms: list[Atom], tensors: list[Tensor], method: str) -> list[Tensor]:
+        matrix_atoms = cast(list[_MatrixAtom], atoms)
+        mats = [a._mats(t) for a, t in zip(matrix_atoms, tensors, strict=True)]
+        out: list[Tensor] = [torch.zeros(())] * len(atoms)
+        for idx in _groups(mats):
+            dual = orthogonalize(torch.cat([mats[i] for i in idx]), method)
+            start = 0
+            for i in idx:
+                p = mats[i].shape[0]
+                out[i] = matrix_atoms[i]._unmats(dual[start : start + p], tensors[i])
+                start += p
+        return out
+
+
+def _groups(mats: list[Tensor]) -> list[list[int]]:
+    """Indices of the matrices that can be stacked: same shape, dtype and device."""
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((tuple(m.shape[1:]), m.dtype, m.device), []).append(i)
+    return list(groups.values())
+
+
+class Linear(_MatrixAtom):
     """``y = √(out/in) · W x``. Norm: the spectral norm ``‖W‖₂`` (the RMS→RMS operator norm
     of the map). Dual map: ``U Vᵀ`` of ``G = U Σ Vᵀ``. Weight shape ``(out, in)``."""
 
@@ -32,8 +101,6 @@ class Linear(Atom):
         self.out_features = _positive_int("out_features", out_features)
         self.scale = math.sqrt(out_features / in_features)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self._v: Tensor
-        # Warm start of the spectral-norm iteration; not part of the state.
         self.register_buffer("_v", torch.empty(0), persistent=False)
         self.reset_parameters()
 
@@ -44,13 +111,11 @@ class Linear(Atom):
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(x, self.weight)
 
-    def atom_norm(self, t: Tensor) -> Tensor:
-        sigma, v = spectral_norm(t, self._v if self._v.numel() else None)
-        self._v = v
-        return sigma
+    def _mats(self, t: Tensor) -> Tensor:
+        return t[None]
 
-    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
-        return orthogonalize(g, method)
+    def _unmats(self, mats: Tensor, like: Tensor) -> Tensor:
+        return mats[0]
 
     @torch.no_grad()
     def project_(self) -> Linear:
@@ -106,7 +171,7 @@ class Embedding(Atom):
         return self
 
 
-class Conv2d(Atom):
+class Conv2d(_MatrixAtom):
     """``y = √(out/in)/k² · conv(x, W)``. Norm: the largest spectral norm over the ``k²``
     kernel positions. Dual map: orthogonalize at every position. Weight ``(out, in, k, k)``."""
 
@@ -127,7 +192,6 @@ class Conv2d(Atom):
         self.padding = kernel_size // 2 if padding is None else padding
         self.scale = math.sqrt(out_channels / in_channels) / kernel_size**2
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
-        self._v: Tensor
         self.register_buffer("_v", torch.empty(0), persistent=False)
         self.reset_parameters()
 
@@ -147,20 +211,11 @@ class Conv2d(Atom):
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.conv2d(x, self.weight, None, self.stride, self.padding)
 
-    def atom_norm(self, t: Tensor) -> Tensor:
-        mats = t.flatten(2).permute(2, 0, 1)  # (k², out, in)
-        warm = self._v if self._v.shape[:1] == mats.shape[:1] else None
-        sigmas, vs = [], []
-        for i, m in enumerate(mats):
-            s, v = spectral_norm(m, None if warm is None else warm[i])
-            sigmas.append(s)
-            vs.append(v)
-        self._v = torch.stack(vs)
-        return torch.stack(sigmas).max()
+    def _mats(self, t: Tensor) -> Tensor:
+        return t.flatten(2).permute(2, 0, 1)  # (k², out, in): one matrix per position
 
-    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
-        mats = g.flatten(2).permute(2, 0, 1)
-        return orthogonalize(mats, method).permute(1, 2, 0).reshape(g.shape)
+    def _unmats(self, mats: Tensor, like: Tensor) -> Tensor:
+        return mats.permute(1, 2, 0).reshape(like.shape)
 
     @torch.no_grad()
     def project_(self) -> Conv2d:

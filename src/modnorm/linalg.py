@@ -15,6 +15,10 @@ from torch import Tensor
 _QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
+# Lanczos steps before the stopping rule may fire: a Krylov space of this dimension already
+# separates the top of a clustered spectrum from a warm start's stale direction.
+_MIN_STEPS = 4
+
 # Below this many rows or columns the spectral norm is computed exactly.
 _EXACT_BELOW = 16
 
@@ -27,69 +31,97 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def spectral_norm(
     w: Tensor, v0: Tensor | None = None, tol: float = 1e-5, max_iter: int = 100
 ) -> tuple[Tensor, Tensor]:
-    """Largest singular value ``σ₁(w)`` by Golub–Kahan–Lanczos, and its right singular vector.
+    """Largest singular value ``σ₁(w)`` of one matrix and its right singular vector; see
+    :func:`spectral_norms` (this is the batch of one)."""
+    sigma, v = spectral_norms(w[None], None if v0 is None else v0[None], tol, max_iter)
+    return sigma[0], v[0]
+
+
+@torch.no_grad()
+def spectral_norms(
+    w: Tensor, v0: Tensor | None = None, tol: float = 1e-5, max_iter: int = 100
+) -> tuple[Tensor, Tensor]:
+    """Largest singular values ``σ₁`` of a batch of matrices ``(B, m, n)`` by Golub–Kahan–
+    Lanczos, with their right singular vectors ``(B, n)``.
 
     Lanczos converges in tens of steps on the clustered top spectra of random matrices, where
-    plain power iteration needs hundreds. ``v0`` warm-starts it (pass the vector returned by the
-    previous call): on slowly changing matrices such as an optimizer's updates it then stops
-    after a few steps. Stops when the estimate changes by less than ``tol`` (relative).
+    plain power iteration needs hundreds. ``v0`` warm-starts it (pass the vectors returned by
+    the previous call): on slowly changing matrices such as an optimizer's updates it stops
+    after a few steps. The whole batch moves in lockstep, with one host synchronization per
+    step, until every estimate changes by less than ``tol`` (relative).
     """
     dtype = _compute_dtype(w)
     a = w.to(dtype)
-    m, n = a.shape
+    batch, m, n = a.shape
     if min(m, n) <= _EXACT_BELOW:  # small: an exact SVD is cheaper than the iteration
         _, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return s[0], vh[0]
-    if v0 is None or v0.shape != (n,) or not bool(torch.isfinite(v0).all()) or v0.norm() == 0:
-        gen = torch.Generator(device="cpu").manual_seed(n * 7919 + m)
-        v0 = torch.randn(n, generator=gen, dtype=dtype)
+        return s[:, 0], vh[:, 0]
+    gen = torch.Generator(device="cpu").manual_seed(n * 7919 + m)
+    noise = torch.randn(batch, n, generator=gen, dtype=dtype).to(a.device)
+    noise = noise / noise.norm(dim=1, keepdim=True)
+    tiny = torch.finfo(dtype).tiny
+    if v0 is None or v0.shape != (batch, n) or not bool(torch.isfinite(v0).all()):
+        v = noise
+    else:
+        # A warm start alone can sit on a singular vector that is no longer the top one; its
+        # Krylov space is then nearly invariant and the iteration stalls on the wrong value.
+        # A fixed random component keeps every direction in play.
+        v0 = v0.to(device=a.device, dtype=dtype)
+        v = v0 / v0.norm(dim=1, keepdim=True).clamp_min(tiny) + 0.5 * noise
+    norms = v.norm(dim=1, keepdim=True)
     k_max = min(max_iter, m, n)
-    # Lanczos vectors, kept for full reorthogonalization (two matvecs per step, no loops).
-    us = torch.zeros(k_max, m, dtype=dtype, device=a.device)
-    vs = torch.zeros(k_max + 1, n, dtype=dtype, device=a.device)
-    v = v0.to(device=a.device, dtype=dtype)
-    vs[0] = v / v.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    est, k = 0.0, 0
+    # Lanczos vectors, kept for full reorthogonalization (batched matvecs, no Python loops).
+    us = torch.zeros(batch, k_max, m, dtype=dtype, device=a.device)
+    vs = torch.zeros(batch, k_max + 1, n, dtype=dtype, device=a.device)
+    vs[:, 0] = v / norms
+    alphas: list[np.ndarray] = []
+    betas: list[np.ndarray] = []
+    beta_t = torch.zeros(batch, dtype=dtype, device=a.device)
+    est = np.zeros(batch)
     for k in range(k_max):
-        u = a @ vs[k]
+        u = torch.einsum("bmn,bn->bm", a, vs[:, k])
         if k > 0:
-            u -= betas[-1] * us[k - 1]
-            u -= us[:k].T @ (us[:k] @ u)
-        alpha = float(u.norm())
-        if alpha <= torch.finfo(dtype).tiny:
-            break
-        us[k] = u / alpha
-        alphas.append(alpha)
-        r = a.T @ us[k] - alpha * vs[k]
-        r -= vs[: k + 1].T @ (vs[: k + 1] @ r)
-        beta = float(r.norm())
+            u -= beta_t[:, None] * us[:, k - 1]
+            u -= torch.einsum("bkm,bk->bm", us[:, :k], torch.einsum("bkm,bm->bk", us[:, :k], u))
+        alpha_t = u.norm(dim=1)
+        us[:, k] = u / alpha_t.clamp_min(tiny)[:, None]
+        r = torch.einsum("bmn,bm->bn", a, us[:, k]) - alpha_t[:, None] * vs[:, k]
+        basis = vs[:, : k + 1]
+        r -= torch.einsum("bkn,bk->bn", basis, torch.einsum("bkn,bn->bk", basis, r))
+        beta_t = r.norm(dim=1)
+        pair = torch.stack([alpha_t, beta_t]).cpu().double().numpy()  # the one sync per step
+        alphas.append(pair[0])
         new_est = _top_singular(alphas, betas)[0]
-        done = abs(new_est - est) <= tol * new_est or beta <= tol * new_est
+        done = (np.abs(new_est - est) <= tol * new_est) | (pair[1] <= tol * new_est)
         est = new_est
-        if done:
+        if done.all() and k + 1 >= min(_MIN_STEPS, k_max):
             break
-        betas.append(beta)
-        vs[k + 1] = r / beta
-    if not alphas:
-        return torch.zeros((), dtype=dtype, device=a.device), vs[0]
+        betas.append(pair[1])
+        vs[:, k + 1] = r / beta_t.clamp_min(tiny)[:, None]
     sigma, right = _top_singular(alphas, betas)
-    # The Ritz vector lifted back: the next call's warm start.
+    # The Ritz vectors lifted back: the next call's warm starts.
     j = len(alphas)
-    v_top = torch.as_tensor(right, dtype=dtype, device=a.device) @ vs[:j]
-    return torch.tensor(sigma, dtype=dtype, device=a.device), v_top / v_top.norm()
+    coef = torch.as_tensor(right, dtype=dtype, device=a.device)
+    v_top = torch.einsum("bj,bjn->bn", coef, vs[:, :j])
+    v_top = v_top / v_top.norm(dim=1, keepdim=True).clamp_min(tiny)
+    return torch.as_tensor(sigma, dtype=dtype, device=a.device), v_top
 
 
-def _top_singular(alphas: list[float], betas: list[float]) -> tuple[float, np.ndarray]:
-    """Top singular value and right singular vector of the upper-bidiagonal matrix with
-    diagonal ``alphas`` and superdiagonal ``betas`` (a few numbers: numpy, no device work)."""
+def _top_singular(
+    alphas: list[np.ndarray], betas: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top singular values ``(B,)`` and right singular vectors ``(B, k)`` of the batch of
+    upper-bidiagonal matrices with diagonals ``alphas`` and superdiagonals ``betas``
+    (a few numbers each: numpy on the host)."""
     k = len(alphas)
-    b = np.diag(np.asarray(alphas, dtype=np.float64))
+    diag = np.stack(alphas, axis=1)  # (B, k)
+    b = np.zeros((diag.shape[0], k, k))
+    idx = np.arange(k)
+    b[:, idx, idx] = diag
     if k > 1:
-        b += np.diag(np.asarray(betas[: k - 1], dtype=np.float64), 1)
+        b[:, idx[:-1], idx[1:]] = np.stack(betas[: k - 1], axis=1)
     _, s, vh = np.linalg.svd(b)
-    return float(s[0]), vh[0]
+    return s[:, 0], vh[:, 0]
 
 
 @torch.no_grad()
