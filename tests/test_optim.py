@@ -594,11 +594,10 @@ def run_compiled(backend: str, digits) -> None:
 
 def test_torch_compile_forward(digits) -> None:
     # aot_eager traces forward and backward as inductor does but skips code generation, which
-    # takes ~25 s on CPU; the inductor run is in the slow test below.
+    # takes ~25 s on CPU; the inductor run is the test below.
     run_compiled("aot_eager", digits)
 
 
-@pytest.mark.slow
 def test_torch_compile_inductor(digits) -> None:
     run_compiled("inductor", digits)
 
