@@ -131,9 +131,9 @@ class Module(nn.Module):
             out.append((atom, share, t))
         # One host sync for the whole list: a sum is finite iff every entry is (barring
         # overflow of huge finite values, which would make the norm infinite anyway).
-        if out and not bool(
-            torch.stack([t.sum().float().cpu() for _, _, t in out]).isfinite().all()
-        ):
+        device = out[0][2].device if out else None
+        sums = [t.sum().float().to(device) for _, _, t in out]
+        if out and not bool(torch.stack(sums).isfinite().all()):
             bad = next(i for i, (_, _, t) in enumerate(out) if not torch.isfinite(t).all())
             raise ValueError(f"non-finite values in tensor {bad}, for {out[bad][0]._name()}")
         return out
@@ -145,11 +145,11 @@ class Module(nn.Module):
         split = self._split(tensors)
         norms = _atom_norms(split)
         terms = [
-            n.float().cpu() / share
+            n.float().to(norms[0].device) / share
             for (_, share, _), n in zip(split, norms, strict=True)
             if share > 0
         ]
-        return torch.stack(terms).max() if terms else torch.zeros(())
+        return torch.stack(terms).max().cpu() if terms else torch.zeros(())
 
     @torch.no_grad()
     def normalize(self, tensors: Sequence[Tensor], target: float = 1.0) -> list[Tensor]:
