@@ -20,7 +20,7 @@ _QUINTIC = (3.4445, -4.7750, 2.0315)
 _MIN_STEPS = 4
 
 # Below this many rows or columns the spectral norm is computed exactly.
-_EXACT_BELOW = 16
+_EXACT_BELOW = 96
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
