@@ -128,7 +128,7 @@ def second_difference_ratio(net: mn.Module, x: torch.Tensor, eta: float) -> floa
         for p, q, d in zip(plus.parameters(), minus.parameters(), step, strict=True):
             p.add_(d)
             q.sub_(d)
-    second = plus(x) + minus(x) - 2 * net(x)
+        second = plus(x) + minus(x) - 2 * net(x)
     return float(rms(second)) / eta**2
 
 
