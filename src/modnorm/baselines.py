@@ -4,6 +4,8 @@ default initialization, biases, ``1/√d_head`` attention and unweighted residua
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +48,15 @@ def torch_mlp(
     return nn.Sequential(*layers)
 
 
+def _residual_blocks(
+    layer: Callable[[], list[nn.Module]], num_blocks: int, block_depth: int
+) -> list[nn.Module]:
+    return [
+        _Block(nn.Sequential(*[m for _ in range(block_depth) for m in layer()]))
+        for _ in range(num_blocks)
+    ]
+
+
 def torch_resmlp(
     in_features: int,
     out_features: int,
@@ -54,13 +65,13 @@ def torch_resmlp(
     block_depth: int = 1,
     activation: str = "abs",
 ) -> nn.Module:
-    """Pre-norm residual MLP: ``x + MeanSubtract(act(Linear(LayerNorm(x))))`` per layer."""
-    blocks = []
-    for _ in range(num_blocks):
-        body: list[nn.Module] = []
-        for _ in range(block_depth):
-            body += [nn.LayerNorm(width), nn.Linear(width, width), _Activation(activation)]
-        blocks.append(_Block(nn.Sequential(*body)))
+    """Pre-norm residual MLP: blocks ``x + act(Linear(LayerNorm(x)))`` (``block_depth`` such
+    layers per block), then LayerNorm and a linear head."""
+
+    def layer() -> list[nn.Module]:
+        return [nn.LayerNorm(width), nn.Linear(width, width), _Activation(activation)]
+
+    blocks = _residual_blocks(layer, num_blocks, block_depth)
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_features, width),
@@ -79,16 +90,15 @@ def torch_rescnn(
     activation: str = "abs",
 ) -> nn.Module:
     """Residual CNN: ``x + act(Conv(GroupNorm(x)))`` blocks, average pooling, a linear head."""
-    blocks = []
-    for _ in range(num_blocks):
-        body: list[nn.Module] = []
-        for _ in range(block_depth):
-            body += [
-                nn.GroupNorm(1, width),
-                nn.Conv2d(width, width, 3, padding=1),
-                _Activation(activation),
-            ]
-        blocks.append(_Block(nn.Sequential(*body)))
+
+    def layer() -> list[nn.Module]:
+        return [
+            nn.GroupNorm(1, width),
+            nn.Conv2d(width, width, 3, padding=1),
+            _Activation(activation),
+        ]
+
+    blocks = _residual_blocks(layer, num_blocks, block_depth)
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1),
         *blocks,
