@@ -1,4 +1,4 @@
-"""The ``modnorm`` command: ``demo``, ``sweep``, ``train`` and ``plot``."""
+"""The ``modnorm`` command: ``demo``, ``sweep``, ``train``, ``plot`` and ``check``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,35 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("dirs", nargs="+", help="sweep directories (each holds results.json)")
     pl.add_argument("--metric", default="train_loss", choices=("train_loss", "val_loss"))
     pl.add_argument("--out", default=None, help="PNG path (default DIR/sweep.png)")
+
+    ck = sub.add_parser(
+        "check", help="well-normed check (and sharpness certificate) of a model on real inputs"
+    )
+    ck.add_argument("--model", default="resmlp", choices=ex.MODELS)
+    ck.add_argument("--data", default="digits", help="digits, text:PATH (gpt) or cifar10:DIR")
+    ck.add_argument("--width", type=int, default=64)
+    ck.add_argument("--depth", type=int, default=4, help="blocks (mlp: hidden layers)")
+    ck.add_argument(
+        "--activation",
+        default=None,
+        choices=("relu", "gelu", "abs"),
+        help="activation of mlp/resmlp/rescnn (default: the model's own, as in sweeps)",
+    )
+    ck.add_argument("--heads", type=int, default=4)
+    ck.add_argument("--context", type=int, default=64)
+    ck.add_argument("--kind", default="random", choices=("random", "aligned", "gradient"))
+    ck.add_argument("--eta", type=float, default=1e-3, help="modular norm of the step")
+    ck.add_argument("--rounds", type=int, default=3, help="power-iteration rounds (aligned)")
+    ck.add_argument("--batch-size", type=int, default=64)
+    ck.add_argument(
+        "--unit-inputs",
+        action="store_true",
+        help="rescale each input to unit RMS (worst row), the theory's assumption",
+    )
+    ck.add_argument("--sharpness", action="store_true", help="also certify the loss's curvature")
+    ck.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"))
+    ck.add_argument("--seed", type=int, default=0)
+    ck.add_argument("--out", default="modnorm-check", help="directory for well_normed.png")
     return parser
 
 
@@ -133,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "check":
+            return _check(args)
         return _plot(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"modnorm {args.command}: error: {e}", file=sys.stderr)
@@ -285,6 +316,69 @@ def _plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "sweep.png"
     draw_sweeps(sweeps, out, metric=args.metric)
     print(f"wrote {out}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import torch
+
+    from modnorm import compounds
+    from modnorm.data import load
+    from modnorm.diagnostics import rows, sharpness_check, well_normed
+    from modnorm.modules import Module
+
+    cfg = ex.SweepConfig(
+        model=args.model,
+        data=args.data,
+        width=args.width,
+        depth=args.depth,
+        context=args.context,
+        num_heads=args.heads,
+    )
+    cfg.validate()
+    if args.model == "gpt" and args.activation is not None:
+        raise ValueError("--activation applies to mlp, resmlp and rescnn")
+    torch.manual_seed(args.seed)
+    data = load(cfg.data, image=cfg.model == "rescnn")
+    if args.activation is None:
+        model = ex.build_model(cfg, "modnorm-adam", args.width, args.depth, data)
+    else:  # as build_model, with another activation
+        classes, shape = data.num_classes, data.in_shape
+        if args.model == "mlp":
+            model = compounds.MLP(
+                math.prod(shape), classes, args.width, args.depth + 1, args.activation
+            )
+        elif args.model == "resmlp":
+            model = compounds.ResMLP(
+                math.prod(shape), classes, args.width, args.depth, activation=args.activation
+            )
+        else:
+            model = compounds.ResCNN(
+                shape[0], classes, args.width, args.depth, activation=args.activation
+            )
+    assert isinstance(model, Module)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = data.batch(args.batch_size, gen, cfg.context)
+    if args.unit_inputs and x.is_floating_point():
+        size = rows(x).square().mean(-1).sqrt().reshape(x.shape[0], -1).amax(1)
+        x = x / size.clamp_min(1e-12).reshape(-1, *([1] * (x.ndim - 1)))
+    report = well_normed(
+        model,
+        x,
+        eta=args.eta,
+        kind=args.kind,
+        rounds=args.rounds,
+        y=y,
+        loss=args.loss,
+        generator=gen,
+    )
+    print(f"{args.model} width {args.width} depth {args.depth} on {cfg.data}, batch {len(x)}")
+    print(report.table())
+    figure = report.plot(Path(args.out) / "well_normed.png")
+    print(f"wrote {figure}")
+    if args.sharpness:
+        print()
+        print(sharpness_check(model, args.loss, (x, y), generator=gen).table())
     return 0
 
 
