@@ -148,7 +148,41 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--sharpness", action="store_true", help="also certify the loss's curvature")
     ck.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"))
     ck.add_argument("--seed", type=int, default=0)
-    ck.add_argument("--out", default="modnorm-check", help="directory for well_normed.png")
+    ck.add_argument(
+        "--input-noise", type=float, default=0.0, help="std of fresh noise on training inputs"
+    )
+    ck.add_argument(
+        "--scale",
+        default=None,
+        choices=ex.SCALES,
+        help="coordinate check over a family (with --values): modnorm Adam vs torch Adam",
+    )
+    ck.add_argument("--values", type=_ints, default=None, help="widths or depths, e.g. 32,64,128")
+    ck.add_argument(
+        "--alignment",
+        action="store_true",
+        help="train with modnorm Adam and log the well-normed ratio of its updates",
+    )
+    ck.add_argument(
+        "--stable-step",
+        action="store_true",
+        help="the descent lemma's largest stable step (smooth models; --lrs adds a sweep)",
+    )
+    ck.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (coordinate check 5, alignment 100, stable-step sweep 200)",
+    )
+    ck.add_argument("--every", type=int, default=10, help="alignment: log every k steps")
+    ck.add_argument(
+        "--lr", type=float, default=0.5, help="modnorm learning rate (modular norm of a step)"
+    )
+    ck.add_argument(
+        "--torch-lr", type=float, default=2.0**-6, help="torch Adam's lr in the coordinate check"
+    )
+    ck.add_argument("--lrs", type=_lrs, default=None, help="stable step: sweep grid, e.g. 2^-8:2^2")
+    ck.add_argument("--out", default="modnorm-check", help="directory for the figures")
     return parser
 
 
@@ -322,11 +356,16 @@ def _plot(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import torch
 
-    from modnorm import compounds
     from modnorm.data import load
     from modnorm.diagnostics import rows, sharpness_check, well_normed
-    from modnorm.modules import Module
 
+    modes = [args.scale is not None, args.alignment, args.stable_step]
+    if sum(modes) > 1:
+        raise ValueError("choose one of --scale, --alignment and --stable-step")
+    if args.values is not None and args.scale is None:
+        raise ValueError("--values needs --scale width or --scale depth")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
     cfg = ex.SweepConfig(
         model=args.model,
         data=args.data,
@@ -338,25 +377,15 @@ def _check(args: argparse.Namespace) -> int:
     cfg.validate()
     if args.model == "gpt" and args.activation is not None:
         raise ValueError("--activation applies to mlp, resmlp and rescnn")
-    torch.manual_seed(args.seed)
-    data = load(cfg.data, image=cfg.model == "rescnn")
-    if args.activation is None:
-        model = ex.build_model(cfg, "modnorm-adam", args.width, args.depth, data)
-    else:  # as build_model, with another activation
-        classes, shape = data.num_classes, data.in_shape
-        if args.model == "mlp":
-            model = compounds.MLP(
-                math.prod(shape), classes, args.width, args.depth + 1, args.activation
-            )
-        elif args.model == "resmlp":
-            model = compounds.ResMLP(
-                math.prod(shape), classes, args.width, args.depth, activation=args.activation
-            )
-        else:
-            model = compounds.ResCNN(
-                shape[0], classes, args.width, args.depth, activation=args.activation
-            )
-    assert isinstance(model, Module)
+    _setup()
+    data = load(cfg.data, image=cfg.model == "rescnn", input_noise=args.input_noise)
+    if args.scale is not None:
+        return _check_coordinates(args, data)
+    if args.alignment:
+        return _check_alignment(args, cfg, data)
+    if args.stable_step:
+        return _check_stable_step(args, cfg, data)
+    model = _check_model(args, cfg, data)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = data.batch(args.batch_size, gen, cfg.context)
     if args.unit_inputs and x.is_floating_point():
@@ -380,6 +409,166 @@ def _check(args: argparse.Namespace) -> int:
         print()
         print(sharpness_check(model, args.loss, (x, y), generator=gen).table())
     return 0
+
+
+def _check_model(
+    args: argparse.Namespace, cfg: ex.SweepConfig, data: Any, width: int | None = None
+) -> Any:
+    """The model of ``modnorm check`` (seeded): as the sweeps build it, or with another
+    ``--activation``."""
+    import torch
+
+    from modnorm import compounds
+
+    torch.manual_seed(args.seed)
+    width = args.width if width is None else width
+    if args.activation is None:
+        return ex.build_model(cfg, "modnorm-adam", width, args.depth, data)
+    classes, shape = data.num_classes, data.in_shape
+    if args.model == "mlp":
+        return compounds.MLP(math.prod(shape), classes, width, args.depth + 1, args.activation)
+    if args.model == "resmlp":
+        return compounds.ResMLP(
+            math.prod(shape), classes, width, args.depth, activation=args.activation
+        )
+    return compounds.ResCNN(shape[0], classes, width, args.depth, activation=args.activation)
+
+
+def _check_coordinates(args: argparse.Namespace, data: Any) -> int:
+    from modnorm.diagnostics import coordinate_check
+
+    if args.values is None:
+        raise ValueError("--scale needs --values, e.g. --values 32,64,128,256")
+    if args.activation is not None:
+        raise ValueError("the coordinate check builds the sweeps' models: no --activation")
+    result = coordinate_check(
+        args.model,
+        args.scale,
+        args.values,
+        data=data,
+        width=args.width,
+        depth=args.depth,
+        steps=args.steps or 5,
+        lr=args.lr,
+        torch_lr=args.torch_lr,
+        batch_size=args.batch_size,
+        context=args.context,
+        num_heads=args.heads,
+        seed=args.seed,
+    )
+    print(result.table())
+    print(f"wrote {result.plot(Path(args.out) / 'coord_check.png')}")
+    return 0
+
+
+def _check_alignment(args: argparse.Namespace, cfg: ex.SweepConfig, data: Any) -> int:
+    import torch
+
+    from modnorm.diagnostics import alignment
+
+    model = _check_model(args, cfg, data)
+    steps = args.steps or 100
+    gen = torch.Generator().manual_seed(10_000 + args.seed)
+    batches = (data.batch(args.batch_size, gen, cfg.context) for _ in range(steps))
+    held = _held_out(data, args.batch_size, cfg.context)
+    log = alignment(
+        model,
+        ex.build_optimizer("modnorm-adam", model, args.lr),
+        batches,
+        steps,
+        every=args.every,
+        held_out=held,
+        loss=args.loss,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    print(
+        f"{args.model} width {args.width} depth {args.depth} on {cfg.data} (input noise "
+        f"{args.input_noise:g}), modnorm Adam lr {args.lr:g}, batch {args.batch_size}"
+    )
+    print(log.table())
+    print(f"wrote {log.plot(Path(args.out) / 'alignment.png')}")
+    return 0
+
+
+def _held_out(data: Any, n: int, context: int) -> Any:
+    """The first ``n`` test inputs, or ``n`` fixed validation windows of text."""
+    import torch
+
+    if data.kind == "text":
+        from modnorm.data import text_windows
+
+        return text_windows(data.val, n, context, torch.Generator().manual_seed(0))[0]
+    return data.x_test[:n]
+
+
+def _check_stable_step(args: argparse.Namespace, cfg: ex.SweepConfig, data: Any) -> int:
+    import torch
+
+    from modnorm import optim
+    from modnorm.diagnostics import stable_step
+
+    model = _check_model(args, cfg, data)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = data.batch(args.batch_size, gen, cfg.context)
+    result = stable_step(model, args.loss, (x, y), generator=gen)
+    print(
+        f"{args.model} width {args.width} depth {args.depth} on {cfg.data} (input noise "
+        f"{args.input_noise:g}), at initialization, batch {len(x)}"
+    )
+    print(result.certificate.table())
+    print(result.table())
+    if args.lrs is None:
+        return 0
+    steps = args.steps or 200
+    makers = {
+        "dual (no momentum)": lambda m, lr: optim.Dual(m, lr=lr, momentum=0.0),
+        "modnorm-adam": lambda m, lr: ex.build_optimizer("modnorm-adam", m, lr),
+    }
+    print(
+        f"\nsweep: {steps} steps, batch {args.batch_size}, constant lr, seed {args.seed}; "
+        "loss = mean training loss of the last 10% of steps"
+    )
+    for name, make in makers.items():
+        losses = []
+        for lr in args.lrs:
+            model = _check_model(args, cfg, data)
+            losses.append(_train_loss(model, make(model, lr), data, args, steps, cfg.context))
+        best = ex.best_lr(args.lrs, losses)
+        cells = "  ".join(
+            f"2^{math.log2(lr):+.1f}: {v:.4f}" for lr, v in zip(args.lrs, losses, strict=True)
+        )
+        print(f"  {name}: {cells}")
+        if best["lr"] is None:
+            print(f"  {name}: every run diverged")
+            continue
+        gap = math.log2(best["lr"] / result.eta_bound)
+        print(
+            f"  {name}: best lr {best['lr']:.4g} (2^{math.log2(best['lr']):+.2f}"
+            f"{', on the edge of the grid' if best['edge'] else ''}), "
+            f"{gap:+.1f} octaves from the guaranteed 2‖g‖_*/S = {result.eta_bound:.4g}"
+        )
+    return 0
+
+
+def _train_loss(
+    model: Any, opt: Any, data: Any, args: argparse.Namespace, steps: int, context: int
+) -> float:
+    """Mean training loss of the last 10 % of ``steps`` steps (inf if it diverges)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(10_000 + args.seed)
+    losses: list[float] = []
+    for _ in range(steps):
+        x, y = data.batch(args.batch_size, gen, context)
+        loss = ex.loss_fn(model(x), y)
+        if not torch.isfinite(loss) or (losses and loss.item() > 10 * losses[0]):
+            return math.inf
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tail = losses[-max(1, steps // 10) :]
+    return sum(tail) / len(tail)
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:

@@ -7,6 +7,12 @@
 * :func:`sharpness_check` certifies the curvature of a loss in the modular norm: the bound
   ``σ·α + τ`` from the module's sharpness and the loss's constants, against the largest
   curvature found by Hessian-vector products along random and power-iterated directions.
+* :func:`alignment` logs the same ratio for the update an optimizer actually applies during
+  training (near 1: aligned with the inputs), against random steps of the same norm.
+* :func:`coordinate_check` is μP's coordinate check across width or depth: activation RMS and
+  per-step change at comparable layers, modnorm against standard PyTorch with Adam
+  (these two measure the module being trained, not a copy).
+* :func:`stable_step` turns the certificate into the descent lemma's largest stable step.
 
 **Size of an output (or input) tensor.** The RMS over the feature dimension, worst row:
 ``‖y‖ = max_r ‖y_r‖₂/√d`` where the rows ``r`` are every index but the features — the last
@@ -15,14 +21,15 @@ image batch (each pixel is a row: a Conv2d is well-normed pixel by pixel). A 1-D
 row. This is the norm the atoms' bounds hold in (DESIGN §1), taken over the batch by the worst
 example or token, so a bound proved "for every unit input" is tested on the worst one.
 
-Everything is measured in float64 on a copy of the module; the module itself is not changed.
+The well-normed, alignment and sharpness measurements run in float64 on a copy of the
+module; ``well_normed``, ``sharpness_check`` and ``stable_step`` leave the module unchanged.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,20 +117,25 @@ class _Probe:
             raise TypeError("diagnostics need a module that returns one tensor")
         return out
 
-    def moved(self, delta: Sequence[Tensor]) -> Tensor:
-        """``f(x; w + Δ) − f(x; w)``."""
-        with torch.no_grad():
-            return self([p + d for p, d in zip(self.params, delta, strict=True)]) - self.out
+    def input(self, x: Tensor) -> Tensor:
+        """Another input, converted as the probe's own (float64 unless it holds indices)."""
+        return x.detach().double() if x.is_floating_point() else x.detach()
 
-    def linear(self, delta: Sequence[Tensor]) -> Tensor:
+    def moved(self, delta: Sequence[Tensor], x: Tensor | None = None) -> Tensor:
+        """``f(x; w + Δ) − f(x; w)``, at the probe's input or at ``x`` (see :meth:`input`)."""
+        with torch.no_grad():
+            base = self.out if x is None else self(self.params, x)
+            return self([p + d for p, d in zip(self.params, delta, strict=True)], x) - base
+
+    def linear(self, delta: Sequence[Tensor], x: Tensor | None = None) -> Tensor:
         """``∇_w f · Δ`` by forward-mode AD, or by a central difference where an operation
         has no forward derivative."""
         try:
             with _math_attention():
-                result = torch.func.jvp(lambda *ps: self(ps), tuple(self.params), tuple(delta))
+                result = torch.func.jvp(lambda *ps: self(ps, x), tuple(self.params), tuple(delta))
             return result[1]
         except (NotImplementedError, RuntimeError):
-            return _central(lambda s: self.moved([s * d for d in delta]))
+            return _central(lambda s: self.moved([s * d for d in delta], x))
 
     def pullback(self, phi: Tensor) -> list[Tensor]:
         """``∇_w ⟨φ, f(x; w)⟩``: the gradient of a linear functional of the output."""
@@ -782,3 +794,529 @@ def _signed(
     """``Δ·∇²L·Δ / ‖Δ‖²`` with its sign (``best`` is its absolute value)."""
     q = sum(float((d * h).sum()) for d, h in zip(delta, hvp(delta), strict=True))
     return math.copysign(best, q) if best else q / float(net.norm(delta)) ** 2
+
+
+# ---- alignment over training ----------------------------------------------------------------
+
+
+@dataclass
+class AlignmentRecord:
+    """One optimizer step ``Δ = w_after − w_before``, measured at ``w_before``.
+
+    Ratios are ``‖f(x; w + Δ) − f(x; w)‖ / ‖Δ‖_M`` (``size``: worst-row RMS) and the
+    linearized ``‖∇_w f·Δ‖ / ‖Δ‖_M``: at most 1 for a well-normed network, near 1 when the
+    update is aligned with the inputs. ``random*``: the same for ``normalize(randn, ‖Δ‖_M)``
+    at the same weights, on the training batch.
+    """
+
+    step: int
+    loss: float  # training loss of the batch, before the step
+    input_size: float | None  # max row RMS of the batch's inputs (None: token indices)
+    update_norm: float  # ‖Δ‖_M
+    ratio: float
+    linear_ratio: float
+    held_ratio: float | None
+    held_linear_ratio: float | None
+    random_ratio: float
+    random_linear_ratio: float
+
+
+@dataclass
+class AlignmentLog:
+    """What :func:`alignment` recorded, one :class:`AlignmentRecord` per logged step."""
+
+    records: list[AlignmentRecord]
+
+    def table(self) -> str:
+        head = (
+            "  step    loss  max‖x‖   ‖Δ‖_M    ratio  linear  held-out  held lin  random  rand lin"
+        )
+        lines = [
+            "alignment: ‖f(w+Δ) − f(w)‖/‖Δ‖_M for the optimizer's update Δ "
+            "(worst-row RMS; held-out batch; a random step of the same norm); the bound is 1 "
+            "for inputs up to unit RMS (max‖x‖: the batch's largest)",
+            head,
+            "-" * len(head),
+        ]
+
+        def cell(v: float | None, w: int) -> str:
+            return f"{'—':>{w}}" if v is None else f"{v:{w}.3f}"
+
+        for r in self.records:
+            lines.append(
+                f"{r.step:6d}  {r.loss:6.3f}  {cell(r.input_size, 6)}  {r.update_norm:6.3g}  "
+                f"{r.ratio:7.3f}  "
+                f"{r.linear_ratio:6.3f}  {cell(r.held_ratio, 8)}  {cell(r.held_linear_ratio, 8)}"
+                f"  {r.random_ratio:6.3f}  {r.random_linear_ratio:8.3f}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str | Path) -> Path:
+        """Ratio against step: the update on the training and held-out batches, and a
+        random step of the same modular norm; dashed: the linearized ratios."""
+        from modnorm.plots import _pyplot
+
+        plt = _pyplot()
+        steps = [r.step for r in self.records]
+        fig, ax = plt.subplots(figsize=(6.0, 3.8))
+        series = [
+            ("optimizer update, training batch", "tab:blue", "ratio", "linear_ratio"),
+            ("optimizer update, held-out batch", "tab:green", "held_ratio", "held_linear_ratio"),
+            ("random step of the same norm", "0.5", "random_ratio", "random_linear_ratio"),
+        ]
+        for label, color, full, lin in series:
+            ys = [getattr(r, full) for r in self.records]
+            if any(y is None for y in ys):
+                continue
+            ax.plot(steps, ys, "-o", ms=3, color=color, label=label)
+            ax.plot(steps, [getattr(r, lin) for r in self.records], "--", lw=0.8, color=color)
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("‖f(w+Δ) − f(w)‖ / ‖Δ‖_M")
+        ax.set_title("alignment of the update (dashed: linearized; dotted: the bound)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def alignment(
+    module: Module,
+    optimizer: torch.optim.Optimizer | Callable[[Module], torch.optim.Optimizer],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    steps: int,
+    *,
+    every: int = 1,
+    held_out: Tensor | None = None,
+    loss: str = "cross_entropy",
+    generator: torch.Generator | None = None,
+) -> AlignmentLog:
+    """Train ``module`` in place for ``steps`` steps and, every ``every`` steps (and at the
+    first), measure how tight the well-normed bound is for the update the optimizer applied.
+
+    ``Δ`` is the parameter difference across ``optimizer.step()`` (so weight decay,
+    projection and schedules are included); at the pre-step weights ``w``, on the step's own
+    batch and on ``held_out`` inputs, the record holds ``‖f(w + Δ) − f(w)‖/‖Δ‖_M`` and
+    ``‖∇_w f·Δ‖/‖Δ‖_M`` (float64, worst-row RMS), and the same for a random step
+    ``normalize(randn, ‖Δ‖_M)``. ``optimizer`` is an optimizer over ``module``'s parameters
+    or a factory called with ``module``; ``batches`` yields ``(x, y)`` (at least ``steps``).
+    """
+    if steps < 1 or every < 1:
+        raise ValueError(f"steps and every must be positive, got steps={steps}, every={every}")
+    if loss not in _LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: use one of {list(_LOSSES)}")
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(module)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    it = iter(batches)
+    records = []
+    for t in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {t} of {steps} steps") from None
+        probe = _Probe(module, x) if t % every == 0 else None  # a copy of w before the step
+        value = _loss(loss, module(x), y)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if probe is None:
+            continue
+        after = [p.detach().double() for p in module.parameters()]
+        delta = [a - b for a, b in zip(after, probe.params, strict=True)]
+        n = float(probe.net.norm(delta))
+        if n == 0:
+            raise ValueError(f"the optimizer's update at step {t} is zero: nothing to measure")
+        noise = probe.net.normalize([_randn(p, gen) for p in probe.params], n)
+        held = probe.input(held_out) if held_out is not None else None
+        records.append(
+            AlignmentRecord(
+                step=t,
+                loss=float(value.detach()),
+                input_size=size(probe.x) if probe.x.is_floating_point() else None,
+                update_norm=n,
+                ratio=size(probe.moved(delta)) / n,
+                linear_ratio=size(probe.linear(delta)) / n,
+                held_ratio=None if held is None else size(probe.moved(delta, held)) / n,
+                held_linear_ratio=None if held is None else size(probe.linear(delta, held)) / n,
+                random_ratio=size(probe.moved(noise)) / n,
+                random_linear_ratio=size(probe.linear(noise)) / n,
+            )
+        )
+    return AlignmentLog(records)
+
+
+# ---- coordinate check across width and depth --------------------------------------------------
+
+COORD_GROUPS = ("embed", "block 1", "block L", "logits")
+COORD_METHODS = ("modnorm-adam", "adam")
+
+
+def _is_residual(m: nn.Module) -> bool:
+    """A modnorm ``(1 − a)·Identity + a·block`` tuple: one member is a scaled Identity."""
+    from modnorm.bonds import Identity
+    from modnorm.modules import Compose, TupleModule
+
+    if not isinstance(m, TupleModule):
+        return False
+    return any(
+        isinstance(k, Identity) or (isinstance(k, Compose) and isinstance(k.layers[0], Identity))
+        for k in m.members
+    )
+
+
+def coord_taps(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    """Where the coordinate check reads activations, as ``group → (module, read its input)``.
+
+    Residual networks (modnorm or ``modnorm.baselines``): ``embed`` is the stream entering the
+    first residual block, ``block 1`` and ``block L`` the stream after the first and the last
+    block (after the residual sum). MLPs: ``embed`` is the first Linear's output, ``block 1``
+    and ``block L`` the outputs of the first and last hidden-to-hidden Linear (absent at
+    depth 1). ``logits`` is the model's output and needs no tap.
+    """
+    from modnorm.atoms import Linear as MnLinear
+    from modnorm.baselines import _Block
+    from modnorm.bonds import Add
+    from modnorm.modules import Compose
+
+    blocks: list[nn.Module] = []
+    entries: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, _Block):
+            blocks.append(m)
+            entries.append(m)
+        elif isinstance(m, Compose):
+            layers = m.layers
+            for i in range(1, len(layers)):
+                if isinstance(layers[i], Add) and _is_residual(layers[i - 1]):
+                    blocks.append(layers[i])
+                    entries.append(layers[i - 1])
+    if blocks:
+        return {
+            "embed": (entries[0], True),
+            "block 1": (blocks[0], False),
+            "block L": (blocks[-1], False),
+        }
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, MnLinear))]
+    taps: dict[str, tuple[nn.Module, bool]] = {"embed": (linears[0], False)} if linears else {}
+    if len(linears) > 2:
+        taps["block 1"] = (linears[1], False)
+        taps["block L"] = (linears[-2], False)
+    return taps
+
+
+def _mean_rms(t: Tensor) -> float:
+    """RMS over features, mean over rows (examples, tokens or pixels)."""
+    return float(rows(t.detach()).double().square().mean(-1).sqrt().mean())
+
+
+def _activations(model: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """The output and the tapped activations of one forward pass (with autograd)."""
+    seen: dict[str, Tensor] = {}
+    hooks = []
+    for group, (m, pre) in coord_taps(model).items():
+
+        def grab(_m: nn.Module, args: Any, out: Any = None, group: str = group) -> None:
+            value = args[0] if out is None else out
+            seen[group] = value.detach().clone()
+
+        if pre:
+            hooks.append(m.register_forward_pre_hook(lambda m, a, g=grab: g(m, a)))
+        else:
+            hooks.append(m.register_forward_hook(grab))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen["logits"] = out.detach().clone()
+    return out, seen
+
+
+def coordinate_step_stats(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    steps: int = 5,
+) -> dict[str, tuple[float, float]]:
+    """Train ``steps`` steps and return, per group of :func:`coord_taps`, the activation
+    RMS and the per-step change, each averaged over the steps ``t = 1 … steps``.
+
+    At step ``t`` on batch ``x_t``: ``rms = mean_r ‖a_r(w_t)‖_rms`` and ``change =
+    mean_r ‖a_r(w_{t+1}) − a_r(w_t)‖_rms``, with ``a(w)`` the activation on ``x_t`` (rows:
+    examples, tokens or pixels) and ``w_{t+1}`` the weights after ``optimizer.step()``.
+    """
+    from modnorm.experiments import loss_fn
+
+    rms: dict[str, float] = {}
+    change: dict[str, float] = {}
+    it = iter(batches)
+    for t in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            raise ValueError(f"batches ran out after {t} of {steps} steps") from None
+        out, before = _activations(model, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(out, y).backward()
+        optimizer.step()
+        with torch.no_grad():
+            _, after = _activations(model, x)
+        for g, a in before.items():
+            rms[g] = rms.get(g, 0.0) + _mean_rms(a) / steps
+            change[g] = change.get(g, 0.0) + _mean_rms(after[g] - a) / steps
+    return {g: (rms[g], change[g]) for g in rms}
+
+
+@dataclass
+class CoordCheck:
+    """A coordinate check: per method and group, activation RMS and per-step change against
+    the width or depth of the family (``nan`` where a model has no such group)."""
+
+    model: str
+    scale: str
+    values: list[int]
+    steps: int
+    lrs: dict[str, float]  # method → learning rate
+    rms: dict[str, dict[str, list[float]]]  # method → group → one value per scale
+    change: dict[str, dict[str, list[float]]]
+
+    def growth(self, method: str, quantity: str, group: str) -> float:
+        """``value at the largest scale / value at the smallest``: 1 for a flat line."""
+        ys = getattr(self, quantity)[method][group]
+        return ys[-1] / ys[0] if ys[0] > 0 else math.nan
+
+    def table(self) -> str:
+        cols = "".join(f"{self.scale + ' ' + str(v):>12}" for v in self.values)
+        lines = [
+            f"coordinate check: {self.model} over {self.scale}, mean of steps 1–{self.steps}; "
+            "RMS over features, mean over rows",
+        ]
+        for quantity, title in (("rms", "activation RMS"), ("change", "per-step change")):
+            head = f"{title + ':':<17}{'method':<14}{'group':<9}{cols}  last/first"
+            lines += ["", head, "-" * len(head)]
+            for method in getattr(self, quantity):
+                lr = self.lrs[method]
+                for group, ys in getattr(self, quantity)[method].items():
+                    cells = "".join(f"{y:12.4g}" for y in ys)
+                    grow = self.growth(method, quantity, group)
+                    lines.append(
+                        f"{'':<17}{method:<14}{group:<9}{cells}  {grow:10.3g}"
+                        + ("" if group != "embed" else f"   (lr {lr:g})")
+                    )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str | Path) -> Path:
+        """Two rows (activation RMS, per-step change) by one column per method; one line
+        per group; x = width or depth on a log2 axis."""
+        from modnorm.plots import _pyplot
+
+        plt = _pyplot()
+        methods = list(self.rms)
+        # one y scale per row, so a flat line and a growing one read as such side by side
+        fig, axes = plt.subplots(
+            2,
+            len(methods),
+            figsize=(4.2 * len(methods), 6.4),
+            squeeze=False,
+            sharex=True,
+            sharey="row",
+        )
+        for j, method in enumerate(methods):
+            for i, (quantity, label) in enumerate(
+                (("rms", "activation RMS"), ("change", "per-step change (RMS)"))
+            ):
+                ax = axes[i][j]
+                for group, ys in getattr(self, quantity)[method].items():
+                    ok = [(v, y) for v, y in zip(self.values, ys, strict=True) if y > 0]
+                    if ok:
+                        ax.plot(*zip(*ok, strict=True), "-o", ms=3, label=group)
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(self.values, [str(v) for v in self.values])
+                ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+                if i == 0:
+                    ax.set_title(f"{method} (lr {self.lrs[method]:g})", fontsize=9)
+                else:
+                    ax.set_xlabel(self.scale)
+                if j == 0:
+                    ax.set_ylabel(label)
+                ax.legend(fontsize=7)
+        fig.suptitle(f"coordinate check: {self.model}, mean of steps 1–{self.steps}", fontsize=10)
+        fig.tight_layout()
+        return _save(fig, plt, path)
+
+
+def coordinate_check(
+    model: str = "resmlp",
+    scale: str = "width",
+    values: Sequence[int] = (32, 64, 128, 256),
+    *,
+    data: Any = None,
+    width: int = 64,
+    depth: int = 2,
+    steps: int = 5,
+    lr: float = 0.5,
+    torch_lr: float = 2.0**-6,
+    batch_size: int = 64,
+    context: int = 64,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> CoordCheck:
+    """The coordinate check of a family built as the sweeps build it
+    (``experiments.build_model``/``build_optimizer``): modnorm's compound with its normalized
+    Adam at ``lr`` against the plain PyTorch model with ``torch.optim.Adam`` at ``torch_lr``.
+    Every model starts from ``torch.manual_seed(seed)`` and sees the same batches; see
+    :func:`coordinate_step_stats` for what is measured. ``data`` defaults to digits."""
+    from modnorm import experiments as ex
+    from modnorm.data import digits
+
+    cfg = ex.SweepConfig(
+        model=model,
+        data="digits" if data is None else f"{'text:' if data.kind == 'text' else ''}{data.name}",
+        scale=scale,
+        values=list(values),
+        width=width,
+        depth=depth,
+        context=context,
+        num_heads=num_heads,
+    )
+    cfg.validate()
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    data = digits(image=model == "rescnn") if data is None else data
+    lrs = {"modnorm-adam": lr, "adam": torch_lr}
+    rms: dict[str, dict[str, list[float]]] = {m: {} for m in COORD_METHODS}
+    change: dict[str, dict[str, list[float]]] = {m: {} for m in COORD_METHODS}
+    for k, v in enumerate(sorted(values)):
+        w, d = (v, depth) if scale == "width" else (width, v)
+        for method in COORD_METHODS:
+            torch.manual_seed(seed)
+            net = ex.build_model(cfg, method, w, d, data)
+            opt = ex.build_optimizer(method, net, lrs[method])
+            gen = torch.Generator().manual_seed(10_000 + seed)
+            batches = (data.batch(batch_size, gen, context) for _ in range(steps))
+            stats = coordinate_step_stats(net, opt, batches, steps)
+            for group in COORD_GROUPS:
+                r, c = stats.get(group, (math.nan, math.nan))
+                rms[method].setdefault(group, [math.nan] * k).append(r)
+                change[method].setdefault(group, [math.nan] * k).append(c)
+    return CoordCheck(model, scale, sorted(values), steps, lrs, rms, change)
+
+
+# ---- largest stable step ------------------------------------------------------------------------
+
+
+@dataclass
+class StableStep:
+    """The descent lemma's step sizes for normalized gradient descent in the modular norm.
+
+    ``dual_norm`` is ``‖g‖_* = ⟨g, d⟩`` with ``d = dualize(g, 1)``; ``eta_bound = 2‖g‖_*/S``
+    with the certificate's ``S = σ·α + τ``; ``eta_local`` the same with this batch's
+    constants; ``eta_measured`` with the largest measured curvature instead of a bound (not a
+    guarantee); ``eta_direct`` the largest ``η`` on a ``2^(k/4)`` grid at which one step
+    ``w − η·d`` still lowers the batch loss (a direct measurement along ``d``).
+    """
+
+    loss: float
+    dual_norm: float
+    certificate: SharpnessCertificate
+    eta_direct: float | None
+
+    def eta(self, curvature: float) -> float:
+        """``2‖g‖_*/S``: the lemma guarantees a decrease for every ``0 < η <`` this."""
+        return 2 * self.dual_norm / curvature if curvature > 0 else math.inf
+
+    @property
+    def eta_bound(self) -> float:
+        return self.eta(self.certificate.bound)
+
+    @property
+    def eta_local(self) -> float:
+        return self.eta(self.certificate.local_bound)
+
+    @property
+    def eta_measured(self) -> float:
+        return self.eta(self.certificate.measured)
+
+    def table(self) -> str:
+        c = self.certificate
+        direct = "none on the grid" if self.eta_direct is None else f"{self.eta_direct:.4g}"
+        return "\n".join(
+            [
+                "largest stable step of normalized gradient descent w − η·dualize(g, 1), from "
+                "L(w − ηd) ≤ L(w) − η‖g‖_* + (S/2)η²:",
+                f"  loss L(w) = {self.loss:.4g}, dual norm ‖g‖_* = {self.dual_norm:.4g}",
+                f"  η < 2‖g‖_*/S with the certificate S = {c.bound:.4g}: {self.eta_bound:.4g}"
+                f"  (best guaranteed decrease at half of it)",
+                f"  with this batch's constants S = {c.local_bound:.4g}: {self.eta_local:.4g}",
+                f"  with the measured curvature {c.measured:.4g} (not a guarantee): "
+                f"{self.eta_measured:.4g}",
+                f"  largest η on a 2^(k/4) grid where one step lowers the loss: {direct}",
+            ]
+        )
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def stable_step(
+    module: Module,
+    loss_fn: str = "cross_entropy",
+    batch: tuple[Tensor, Tensor] | None = None,
+    *,
+    certificate: SharpnessCertificate | None = None,
+    generator: torch.Generator | None = None,
+) -> StableStep:
+    """The step size the descent lemma guarantees to lower ``L(w) = loss_fn(f(x; w), y)``.
+
+    If ``|Δ·∇²L(w')·Δ| ≤ S‖Δ‖_M²`` at every ``w'`` between ``w`` and ``w + Δ`` (Taylor with
+    the integral remainder), then ``L(w + Δ) ≤ L(w) + ⟨g, Δ⟩ + (S/2)‖Δ‖_M²``. For the step
+    ``Δ = −η·d``, ``d = dualize(g, 1)`` (``‖d‖_M = 1``, ``⟨g, d⟩ = ‖g‖_*``, the dual norm):
+
+        ``L(w − η·d) ≤ L(w) − η‖g‖_* + (S/2)·η²``,
+
+    which is below ``L(w)`` for ``0 < η < 2‖g‖_*/S`` and lowest, ``L(w) − ‖g‖_*²/(2S)``, at
+    ``η = ‖g‖_*/S``. ``S = σ·α + τ`` is :func:`sharpness_check`'s bound (computed unless
+    ``certificate`` is given), a constant along the segment under its assumptions (unit
+    inputs; for cross-entropy ``σ`` and ``τ`` are global). Float64, SVD dual map.
+    """
+    if batch is None:
+        raise ValueError("stable_step needs batch=(x, y)")
+    cert = certificate or sharpness_check(module, loss_fn, batch, generator=generator)
+    x, y = batch
+    probe = _Probe(module, x)
+    params = [p.clone().requires_grad_(True) for p in probe.params]
+    with torch.enable_grad(), _math_attention():
+        value = _loss(loss_fn, probe(params), y)
+        grads = torch.autograd.grad(value, params)
+    d = probe.net.dualize(list(grads), 1.0, method="svd")
+    dual = sum(float((g * e).sum()) for g, e in zip(grads, d, strict=True))
+
+    def loss_at(eta: float) -> float:
+        with torch.no_grad():
+            moved = [p - eta * e for p, e in zip(probe.params, d, strict=True)]
+            return float(_loss(loss_fn, probe(moved), y))
+
+    base = float(value.detach())
+    # the largest grid η below which every grid point still lowers the loss
+    direct = None
+    for k in range(-40, 17):
+        if loss_at(2.0 ** (k / 4)) >= base:
+            break
+        direct = 2.0 ** (k / 4)
+    return StableStep(loss=base, dual_norm=dual, certificate=cert, eta_direct=direct)
