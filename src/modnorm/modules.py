@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from modnorm import distributed as _distributed
+
 Sharpness = tuple[float, float, float]
 # Feature size of each tensor a module takes or returns (None: any size); a spec that is
 # None altogether means "any number of tensors", for a partial composition such as
@@ -142,6 +144,8 @@ class Module(nn.Module):
     @torch.no_grad()
     def norm(self, tensors: Sequence[Tensor]) -> Tensor:
         """Modular norm ``max_i ‖t_i‖_i / share_i`` of tensors shaped like the parameters."""
+        if _distributed.any_sharded(tensors):  # FSDP2: each atom's norm computed on one rank
+            return _distributed.norm(self, tensors)
         split = self._split(tensors)
         norms = _atom_norms(split)
         terms = [
@@ -156,6 +160,8 @@ class Module(nn.Module):
         """Rescale each atom's tensor to norm ``target·share``: the result has modular norm
         ``target``, with every atom saturating the max. Zero stays zero."""
         target = _check_target(target)
+        if _distributed.any_sharded(tensors):
+            return _distributed.normalize(self, tensors, target)
         split = self._split(tensors)
         out = []
         for (_, share, t), n in zip(split, _atom_norms(split), strict=True):
@@ -172,6 +178,8 @@ class Module(nn.Module):
         atom's dual map (e.g. ``UVᵀ`` for a matrix) scaled to ``target·share``. ``method``
         orthogonalizes matrices by ``"newton_schulz"`` or ``"svd"`` (see ``linalg``)."""
         target = _check_target(target)
+        if _distributed.any_sharded(tensors):  # each matrix orthogonalized by one rank
+            return _distributed.dualize(self, tensors, target, method)
         split = self._split(tensors)
         out = []
         for (_, share, t), d in zip(split, _atom_duals(split, method), strict=True):
@@ -180,6 +188,8 @@ class Module(nn.Module):
 
     def dual_norm(self, tensors: Sequence[Tensor]) -> Tensor:
         """Dual norm ``⟨G, dualize(G)⟩ = Σ_i share_i·‖G_i‖_i^*`` of a gradient ``G``."""
+        if _distributed.any_sharded(tensors):
+            tensors = _distributed.gather(tensors)
         total = torch.zeros((), dtype=torch.float64)
         for (_, _, t), d in zip(self._split(tensors), self.dualize(tensors), strict=True):
             total += (t.double() * d.double()).sum().cpu()

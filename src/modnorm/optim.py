@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from modnorm.distributed import global_sums, share_warm_starts
 from modnorm.modules import Atom, Module
 
 __all__ = [
@@ -54,8 +55,7 @@ def first_nonfinite(tensors: Sequence[Tensor | None]) -> int | None:
     present = [(i, t) for i, t in enumerate(tensors) if t is not None]
     if not present:
         return None
-    device = present[0][1].device
-    flags = torch.isfinite(torch.stack([t.sum().float().to(device) for _, t in present])).cpu()
+    flags = torch.isfinite(global_sums([t for _, t in present])).cpu()  # DTensors: all slices
     if bool(flags.all()):
         return None
     return present[int((~flags).nonzero()[0])][0]
@@ -242,6 +242,7 @@ class ModularOptimizer(Optimizer):
         """torch.optim's state dict, plus ``"modnorm"``: skipped steps and the atoms'
         spectral-norm warm starts, so that a resumed run repeats the original exactly."""
         sd = super().state_dict()
+        share_warm_starts(self.module)  # FSDP2: each atom's from the rank that computed it
         warm: list[dict[str, Tensor]] = []
         for atom, _ in self.module.atom_shares():
             warm.append({n: b.detach().clone() for n, b in _warm_start_buffers(atom)})
@@ -331,7 +332,8 @@ class ModularOptimizer(Optimizer):
         if not _same_objects(current, held):
             raise ValueError(
                 "the module's parameters changed after the optimizer was built (a parameter was "
-                "added, removed or replaced); build a new optimizer for the new parameters"
+                "added, removed or replaced, e.g. by FSDP2's fully_shard); build the optimizer "
+                "after wrapping the model, on its current parameters"
             )
 
     # copy.deepcopy and pickle go through these: keep the module and the counters.
@@ -499,9 +501,13 @@ class Dual(ModularOptimizer):
     ``w ← (w − u)·(1 − lr·λ·share)``. One momentum buffer per parameter.
 
     Args:
-        lr: the modular norm of each update (``≥ 0``); momentum: ``β ∈ [0, 1)``;
-        nesterov: Nesterov's variant; method: ``"newton_schulz"`` or ``"svd"`` for the
-        orthogonalization; weight_decay, project, skip_nonfinite: as :class:`SGD`.
+        lr: the modular norm of each update (``≥ 0``).
+        momentum: ``β ∈ [0, 1)``.
+        nesterov: Nesterov's variant.
+        weight_decay: as :class:`SGD`.
+        method: ``"newton_schulz"`` or ``"svd"`` for the orthogonalization.
+        project: as :class:`SGD`.
+        skip_nonfinite: as :class:`SGD`.
     """
 
     def __init__(
@@ -562,7 +568,8 @@ class Normalized(ModularOptimizer):
         base_lr: the base optimizer's lr (``None``: its default).
         modular_weight_decay: ``λ ≥ 0`` in the modular norm (``weight_decay`` in
             ``base_kwargs`` goes to the base optimizer).
-        project, skip_nonfinite: as :class:`SGD`.
+        project: as :class:`SGD`.
+        skip_nonfinite: as :class:`SGD`.
     """
 
     def __init__(

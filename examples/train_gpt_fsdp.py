@@ -1,0 +1,90 @@
+"""Train a character-level GPT on Shakespeare, sharded with FSDP2, with a modnorm optimizer.
+
+torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --steps 100 --optimizer dual
+
+``fully_shard`` turns every parameter into a DTensor of which each rank holds a slice. The
+modular norm of an atom is global, so modnorm gathers each atom's update to measure it and
+keeps only this rank's slice of the result; the dual map (Newton–Schulz) of each matrix runs on
+one rank, round-robin, and is broadcast (docs/distributed.md). Build the optimizer after
+``fully_shard``: it replaces the parameters. Runs on CPU with gloo, or on GPUs with NCCL.
+"""
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.fsdp import fully_shard
+
+import modnorm as mn
+from modnorm.data import text, text_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIMIZERS = {
+    "adam": lambda m, lr: mn.optim.AdamW(m, lr, betas=(0.9, 0.95), weight_decay=0.01),
+    "dual": lambda m, lr: mn.optim.Dual(m, lr),
+    "sgd": lambda m, lr: mn.optim.SGD(m, lr, momentum=0.9, nesterov=True),
+}
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--data", type=Path, default=ROOT / "../shared/data/shakespeare.txt")
+parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+parser.add_argument("--lr", type=float, default=1.0, help="modular norm of each update")
+parser.add_argument("--steps", type=int, default=200)
+parser.add_argument("--batch", type=int, default=8, help="sequences per rank and step")
+parser.add_argument("--context", type=int, default=64)
+parser.add_argument("--width", type=int, default=128)
+parser.add_argument("--heads", type=int, default=4)
+parser.add_argument("--blocks", type=int, default=2)
+args = parser.parse_args()
+
+cuda = torch.cuda.is_available()
+dist.init_process_group("nccl" if cuda else "gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+if cuda:
+    torch.cuda.set_device(device)
+torch.set_flush_denormal(True)
+
+data = text(args.data)
+torch.manual_seed(0)  # the same initial weights everywhere, before each rank keeps a slice
+model = mn.GPT(data.num_classes, args.context, args.width, args.heads, args.blocks).to(device)
+for atom, _ in model.atom_shares():  # one FSDP unit per weight matrix (a block would do too)
+    fully_shard(atom)
+fully_shard(model)
+optimizer = OPTIMIZERS[args.optimizer](model, args.lr)  # after fully_shard, on the DTensors
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / args.steps)
+windows = torch.Generator().manual_seed(1 + rank)  # different batches on different ranks
+
+
+def batch(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = text_windows(tokens, args.batch, args.context, windows)
+    return x.to(device), y.to(device)
+
+
+start = time.perf_counter()
+for step in range(1, args.steps + 1):
+    x, y = batch(data.train)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    optimizer.zero_grad()
+    loss.backward()  # FSDP2 reduce-scatters (averages) the gradients here
+    optimizer.step()
+    schedule.step()
+    if step % max(1, args.steps // 10) == 0 or step == args.steps:
+        with torch.no_grad():
+            x, y = batch(data.val)
+            val = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        losses = torch.stack([loss.detach(), val])
+        dist.all_reduce(losses)  # the mean over ranks, for the log
+        train_loss, val_loss = (losses / world).tolist()
+        if rank == 0:
+            took = time.perf_counter() - start
+            print(f"step {step:5d}  train {train_loss:.3f}  val {val_loss:.3f}  ({took:.0f} s)")
+
+held = sum(p.to_local().numel() for p in model.parameters())
+total = sum(p.numel() for p in model.parameters())
+print(f"rank {rank} holds {held} of the {total} weights")
+dist.destroy_process_group()

@@ -1,0 +1,330 @@
+"""The modular norm of sharded parameters (FSDP2's DTensors, ``torch.distributed``).
+
+Under DistributedDataParallel nothing here is needed: every rank holds the full weights and,
+after DDP's all-reduce, the same gradient, so each computes the same norm and update.
+
+Under FSDP2 (``fully_shard``) a parameter is a DTensor of which each rank holds a slice, but
+the norm of an atom is global: the spectral norm of a sharded matrix is not the largest of its
+slices' norms. So :meth:`modnorm.Module.norm`, ``normalize`` and ``dualize`` send DTensors
+here, and the atoms are split across ranks, round-robin (as scalable Muon implementations
+split their matrices): atom ``i``, counting atoms of positive share, belongs to rank
+``i mod world_size``, which gathers its full tensor and runs the single-process code on it.
+
+* **norm / normalize**: the owner computes the atom's norm (batched, warm-started Lanczos);
+  one all-reduce shares the norms, and each rank scales its own slices.
+* **dualize**: the owner computes the dual map (Newton–Schulz, batched by shape) and
+  scatters it back in slices.
+
+Gathering, not a distributed power iteration: a sharded Lanczos needs two latency-bound
+collectives per iteration (``Aᵀu`` and the reorthogonalization) over 4 to tens of iterations,
+and the dual map needs the whole matrix anyway; a gather is one collective per atom. The
+warm starts live on the owners; :func:`share_warm_starts` copies them everywhere for a state
+dict. Supported layouts: a one-dimensional device mesh with ``Shard(d)`` (any ``d``) or
+``Replicate`` placements, what ``fully_shard`` makes; others raise a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from modnorm.modules import Module
+
+__all__ = [
+    "any_sharded",
+    "dualize",
+    "gather",
+    "global_sums",
+    "norm",
+    "normalize",
+    "share_warm_starts",
+]
+
+
+def any_sharded(tensors: Sequence[object]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a parameter or gradient under FSDP2)."""
+    # Importing torch.distributed.tensor takes ~0.7 s: until someone has, no DTensor exists.
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or isinstance(tensors, Tensor):  # one tensor: the caller's error
+        return False
+    return any(isinstance(t, module.DTensor) for t in tensors)
+
+
+def _check_layout(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
+    """The process group of the DTensors' one-dimensional mesh; a clear error otherwise."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = None
+    for i, t in enumerate(tensors):
+        if not isinstance(t, DTensor):
+            continue
+        if t.device_mesh.ndim != 1:
+            raise ValueError(
+                f"tensor {i} lives on a {t.device_mesh.ndim}-D device mesh: modnorm supports "
+                "one-dimensional meshes (fully_shard over one group), not HSDP or tensor parallel"
+            )
+        for p in t.placements:
+            if type(p) not in (Shard, Replicate):
+                raise ValueError(
+                    f"tensor {i} has placement {p!r}: modnorm supports Shard(dim) and Replicate "
+                    "(a Partial tensor must be reduced first)"
+                )
+        if mesh is None:
+            mesh = t.device_mesh
+        elif t.device_mesh != mesh:
+            raise ValueError(f"tensor {i} lives on another device mesh than tensor 0's")
+    return None if mesh is None else mesh.get_group()
+
+
+def gather(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Full tensors on every rank: DTensors all-gathered, plain tensors (replicated) as they
+    are. For diagnostics such as :meth:`Module.dual_norm`; the optimizers do not need it."""
+    from torch.distributed.tensor import DTensor
+
+    _check_layout(tensors)
+    return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
+
+
+@torch.no_grad()
+def global_sums(tensors: Sequence[Tensor]) -> Tensor:
+    """The sum of each tensor in float32 (NaN or ±∞ if any entry is), stacked; for DTensors
+    the sum over all slices, by one all-reduce of the stacked local sums."""
+    if not any_sharded(tensors):
+        device = tensors[0].device
+        return torch.stack([t.sum().float().to(device) for t in tensors])
+    from torch.distributed.tensor import DTensor, Shard
+
+    group = _check_layout(tensors)
+    sharded = [
+        isinstance(t, DTensor) and any(isinstance(p, Shard) for p in t.placements) for t in tensors
+    ]
+    locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    device = locals_[0].device
+    sums = torch.stack([t.sum().float().to(device) for t in locals_])
+    mask = torch.tensor(sharded, device=device)
+    part = torch.where(mask, sums, 0.0)  # replicated tensors: the local sum is the sum
+    dist.all_reduce(part, group=group)
+    sums = torch.where(mask, part, sums)
+    return sums
+
+
+def _owners(module: Module, world: int) -> dict[int, int]:
+    """Atom index → the rank that computes its norm and dual map: round-robin over the atoms
+    of positive share (mass-0 atoms never move, so nothing is computed for them)."""
+    live = [i for i, (_, share) in enumerate(module.atom_shares()) if share > 0]
+    return {i: k % world for k, i in enumerate(live)}
+
+
+def _gathered(
+    module: Module, tensors: Sequence[Tensor]
+) -> tuple[dist.ProcessGroup, dict[int, int], dict[int, Tensor]]:
+    """Check the tensors, then gather each atom's tensor to its owner. Returns the group, the
+    owners and the full tensors this rank owns."""
+    group = _check_layout(tensors)
+    assert group is not None  # the callers only come here with a DTensor
+    _check_parts(module, tensors)
+    owners = _owners(module, dist.get_world_size(group))
+    rank = dist.get_rank(group)
+    full = {i: _gather_to(tensors[i], r, group) for i, r in owners.items()}
+    return group, owners, {i: cast(Tensor, t) for i, t in full.items() if owners[i] == rank}
+
+
+def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
+    """Every atom's norm ``(n_atoms,)`` in float32 on every rank (0 for mass-0 atoms): each
+    computed by its owner from the gathered tensor, then shared by one all-reduce."""
+    from modnorm.modules import _atom_norms
+
+    group, _, mine = _gathered(module, tensors)
+    shares = module.atom_shares()
+    norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
+    device = _local(tensors[0]).device
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
+    if mine:
+        out[list(mine)] = torch.stack([n.float().to(device) for n in norms])
+    dist.all_reduce(out, group=group)  # each entry is non-zero on one rank only
+    return out
+
+
+def norm(module: Module, tensors: Sequence[Tensor]) -> Tensor:
+    """:meth:`Module.norm` of sharded tensors: ``max_i ‖t_i‖_i / share_i`` with each atom's
+    norm computed by one rank."""
+    norms = _norms(module, tensors).cpu()
+    terms = [
+        n / share for n, (_, share) in zip(norms, module.atom_shares(), strict=True) if share > 0
+    ]
+    return torch.stack(terms).max() if terms else torch.zeros(())
+
+
+def normalize(module: Module, tensors: Sequence[Tensor], target: float) -> list[Tensor]:
+    """:meth:`Module.normalize` of sharded tensors: each rank scales its own slices by the
+    shared norms (no slice of the result is communicated)."""
+    norms = _norms(module, tensors)
+    out = []
+    for (_, share), t, n in zip(module.atom_shares(), tensors, norms, strict=True):
+        # the arithmetic of Module.normalize, so that sharded and unsharded runs agree
+        scale = torch.where(n > 0, (target * share) / n.clamp_min(1e-30), 0.0)
+        out.append(_scaled(t, scale))
+    return out
+
+
+def _scaled(t: Tensor, scale: Tensor) -> Tensor:
+    """``t·scale`` in float32 (float64 kept), on the local slice of a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    local = _local(t)
+    if local.dtype == torch.float64:
+        local = local * scale.to(local.device)
+    else:
+        local = (local.float() * scale.to(local.device)).to(local.dtype)
+    if not isinstance(t, DTensor):
+        return local
+    return DTensor.from_local(
+        local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def dualize(module: Module, tensors: Sequence[Tensor], target: float, method: str) -> list[Tensor]:
+    """:meth:`Module.dualize` of sharded tensors, each matrix on one rank: atom ``i``
+    (counting atoms of positive share) is gathered to rank ``i mod world_size``, dualized
+    there (batched by shape with the rank's other atoms), and scattered back in slices."""
+    from modnorm.modules import _atom_duals, _check_target
+
+    target = _check_target(target)
+    group, owners, mine = _gathered(module, tensors)
+    shares = module.atom_shares()
+    split = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
+    dual = {
+        i: d * (target * shares[i][1])
+        for i, d in zip(mine, _atom_duals(split, method), strict=True)
+    }
+    out = [torch.zeros_like(t) for t in tensors]
+    for i, r in owners.items():
+        out[i] = _scatter_from(dual.get(i), tensors[i], r, group)
+    return out
+
+
+def share_warm_starts(module: Module) -> None:
+    """Give every rank each atom's spectral-norm warm starts from the rank that owns the atom
+    (one all-gather of small vectors), so that an optimizer's state dict is the same on every
+    rank and a run resumed on another number of ranks starts from them too. A collective under
+    FSDP2 (every rank calls it, as for FSDP's own state dicts); nothing happens otherwise."""
+    from modnorm.optim import _warm_start_buffers
+
+    params = list(module.parameters())
+    if not any_sharded(params):
+        return
+    group = _check_layout(params)
+    assert group is not None
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    atoms = [atom for atom, _ in module.atom_shares()]
+    mine = {
+        i: {name: b.detach().cpu() for name, b in _warm_start_buffers(atoms[i])}
+        for i, r in _owners(module, world).items()
+        if r == rank
+    }
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine, group=group)
+    for part in parts:
+        for i, buffers in part.items():
+            for name, value in buffers.items():
+                setattr(atoms[i], name, value.to(_local(atoms[i].weight).device))
+
+
+def _check_parts(module: Module, tensors: Sequence[Tensor]) -> None:
+    """What :meth:`Module._split` checks, on (global) shapes, without gathering anything."""
+    shares = module.atom_shares()
+    if len(tensors) != len(shares):
+        raise ValueError(
+            f"expected {len(shares)} tensors (one per parameter of {module._name()}), "
+            f"got {len(tensors)}"
+        )
+    for i, ((atom, _), t) in enumerate(zip(shares, tensors, strict=True)):
+        if t.shape != atom.weight.shape:
+            raise ValueError(
+                f"tensor {i} has shape {tuple(t.shape)} but {atom._name()} has a weight "
+                f"of shape {tuple(atom.weight.shape)}"
+            )
+    finite = global_sums(tensors).isfinite().cpu()
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        raise ValueError(f"non-finite values in tensor {bad}, for {shares[bad][0]._name()}")
+
+
+def _sharded_dim(t: Tensor) -> int | None:
+    """The dimension a DTensor is sharded along (``None``: replicated or a plain tensor)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(t, DTensor) and isinstance(t.placements[0], Shard):
+        return t.placements[0].dim
+    return None
+
+
+def _gather_to(t: Tensor, owner: int, group: dist.ProcessGroup) -> Tensor | None:
+    """The full tensor on rank ``owner`` of ``group`` (``None`` elsewhere): one gather of the
+    slices, padded to equal size (DTensor cuts as ``torch.chunk``: the last ones may be short)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dim = _sharded_dim(t)
+    if dim is None:  # replicated: the owner has it already
+        return t.to_local() if hasattr(t, "to_local") else t
+    n = t.shape[dim]
+    chunk = -(-n // world)
+    local = t.to_local()  # type: ignore[attr-defined]
+    local = _pad(local, dim, chunk)
+    parts = [torch.empty_like(local) for _ in range(world)] if rank == owner else None
+    dist.gather(local, parts, group=group, group_dst=owner)
+    return None if parts is None else torch.cat(parts, dim).narrow(dim, 0, n)
+
+
+def _scatter_from(
+    full: Tensor | None, like: Tensor, owner: int, group: dist.ProcessGroup
+) -> Tensor:
+    """``full`` (held by rank ``owner`` only) laid out as ``like``: slices scattered, or the
+    whole tensor broadcast where ``like`` is replicated."""
+    from torch.distributed.tensor import DTensor
+
+    world = dist.get_world_size(group)
+    dim = _sharded_dim(like)
+    if dim is None:
+        whole = full.contiguous() if full is not None else torch.empty_like(_local(like))
+        dist.broadcast(whole, group=group, group_src=owner)
+        if not isinstance(like, DTensor):
+            return whole
+        return DTensor.from_local(whole, like.device_mesh, like.placements, run_check=False)
+    assert isinstance(like, DTensor)
+    n = like.shape[dim]
+    chunk = -(-n // world)
+    mine = like.to_local()
+    received = _pad(torch.empty_like(mine), dim, chunk)
+    parts = None
+    if full is not None:
+        parts = [p.contiguous() for p in _pad(full, dim, chunk * world).split(chunk, dim)]
+    dist.scatter(received, parts, group=group, group_src=owner)
+    local = received.narrow(dim, 0, mine.shape[dim])
+    return DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def _pad(t: Tensor, dim: int, size: int) -> Tensor:
+    """``t`` padded with zeros along ``dim`` to ``size``, contiguous (as collectives need)."""
+    missing = size - t.shape[dim]
+    if missing <= 0:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim).contiguous()
