@@ -1,18 +1,18 @@
 """Diagnostics and certificates: does a real forward pass obey the modular norm's promises?
 
-* :func:`well_normed` moves the weights by a step of modular norm ``η`` (random, aligned with
+* `well_normed` moves the weights by a step of modular norm ``η`` (random, aligned with
   the worst output functional, or a loss gradient) and reports, per atom and for the whole
   network, how far the output moved against the bound the theory gives, plus the
   input-sensitivity ratio against ``ν`` — the modular analogue of μP's "coordinate check".
-* :func:`sharpness_check` certifies the curvature of a loss in the modular norm: the bound
+* `sharpness_check` certifies the curvature of a loss in the modular norm: the bound
   ``σ·α + τ`` from the module's sharpness and the loss's constants, against the largest
   curvature found by Hessian-vector products along random and power-iterated directions.
-* :func:`alignment` logs the same ratio for the update an optimizer actually applies during
+* `alignment` logs the same ratio for the update an optimizer actually applies during
   training (near 1: aligned with the inputs), against random steps of the same norm.
-* :func:`coordinate_check` is μP's coordinate check across width or depth: activation RMS and
+* `coordinate_check` is μP's coordinate check across width or depth: activation RMS and
   per-step change at comparable layers, modnorm against standard PyTorch with Adam
   (these two measure the module being trained, not a copy).
-* :func:`stable_step` turns the certificate into the descent lemma's largest stable step.
+* `stable_step` turns the certificate into the descent lemma's largest stable step.
 
 **Size of an output (or input) tensor.** The RMS over the feature dimension, worst row:
 ``‖y‖ = max_r ‖y_r‖₂/√d`` where the rows ``r`` are every index but the features — the last
@@ -122,7 +122,7 @@ class _Probe:
         return x.detach().double() if x.is_floating_point() else x.detach()
 
     def moved(self, delta: Sequence[Tensor], x: Tensor | None = None) -> Tensor:
-        """``f(x; w + Δ) − f(x; w)``, at the probe's input or at ``x`` (see :meth:`input`)."""
+        """``f(x; w + Δ) − f(x; w)``, at the probe's input or at ``x`` (see `input`)."""
         with torch.no_grad():
             base = self.out if x is None else self(self.params, x)
             return self([p + d for p, d in zip(self.params, delta, strict=True)], x) - base
@@ -206,7 +206,7 @@ class AtomRow:
 
 @dataclass
 class WellNormedReport:
-    """What :func:`well_normed` measured. Sizes are absolute (same units as ``eta``)."""
+    """What `well_normed` measured. Sizes are absolute (same units as ``eta``)."""
 
     kind: str
     eta: float
@@ -380,7 +380,7 @@ def well_normed(
 ) -> WellNormedReport:
     """Move the weights by a step ``Δ`` of modular norm ``η`` and compare output changes with
     the bounds of the modular norm: ``‖∇_w f·Δ‖ ≤ ‖Δ‖_M`` for the network, ``(μ_i/μ)·η`` for
-    atom ``i`` moved alone (see :class:`AtomRow`), ``‖∇_x f·Δx‖ ≤ ν‖Δx‖`` for the input.
+    atom ``i`` moved alone (see `AtomRow`), ``‖∇_x f·Δx‖ ≤ ν‖Δx‖`` for the input.
 
     The step: ``step`` if given (e.g. an optimizer's update), rescaled to modular norm ``η``;
     otherwise by ``kind``:
@@ -694,7 +694,7 @@ def sharpness_check(
     ``‖Δ·∇²f·Δ‖ ≤ α‖Δ‖_M²`` (the module's sharpness) and ``‖JΔ‖ ≤ ‖Δ‖_M`` (well-normed),
     ``|Δ·∇²L·Δ| ≤ (σ·α + τ)‖Δ‖_M²`` — no factor of ``ν``: the modular norm already carries
     the sensitivities. It inherits the assumptions of ``α`` and of well-normedness (unit
-    inputs, ν as a worst-case gain); see :func:`loss_constants` for ``σ`` and ``τ``.
+    inputs, ν as a worst-case gain); see `loss_constants` for ``σ`` and ``τ``.
 
     The measurement: ``max |Δ·∇²L·Δ| / ‖Δ‖_M²`` over ``n_random`` directions
     ``normalize(randn, 1)`` and ``n_starts`` runs of ``rounds`` power-iteration steps
@@ -823,7 +823,7 @@ class AlignmentRecord:
 
 @dataclass
 class AlignmentLog:
-    """What :func:`alignment` recorded, one :class:`AlignmentRecord` per logged step."""
+    """What `alignment` recorded, one `AlignmentRecord` per logged step."""
 
     records: list[AlignmentRecord]
 
@@ -1050,7 +1050,7 @@ def coordinate_step_stats(
     batches: Iterable[tuple[Tensor, Tensor]],
     steps: int = 5,
 ) -> dict[str, tuple[float, float]]:
-    """Train ``steps`` steps and return, per group of :func:`coord_taps`, the activation
+    """Train ``steps`` steps and return, per group of `coord_taps`, the activation
     RMS and the per-step change, each averaged over the steps ``t = 1 … steps``.
 
     At step ``t`` on batch ``x_t``: ``rms = mean_r ‖a_r(w_t)‖_rms`` and ``change =
@@ -1181,7 +1181,7 @@ def coordinate_check(
     (``experiments.build_model``/``build_optimizer``): modnorm's compound with its normalized
     Adam at ``lr`` against the plain PyTorch model with ``torch.optim.Adam`` at ``torch_lr``.
     Every model starts from ``torch.manual_seed(seed)`` and sees the same batches; see
-    :func:`coordinate_step_stats` for what is measured. ``data`` defaults to digits."""
+    `coordinate_step_stats` for what is measured. ``data`` defaults to digits."""
     from modnorm import experiments as ex
     from modnorm.data import digits
 
@@ -1291,7 +1291,7 @@ def stable_step(
         ``L(w − η·d) ≤ L(w) − η‖g‖_* + (S/2)·η²``,
 
     which is below ``L(w)`` for ``0 < η < 2‖g‖_*/S`` and lowest, ``L(w) − ‖g‖_*²/(2S)``, at
-    ``η = ‖g‖_*/S``. ``S = σ·α + τ`` is :func:`sharpness_check`'s bound (computed unless
+    ``η = ‖g‖_*/S``. ``S = σ·α + τ`` is `sharpness_check`'s bound (computed unless
     ``certificate`` is given), a constant along the segment under its assumptions (unit
     inputs; for cross-entropy ``σ`` and ``τ`` are global). Float64, SVD dual map.
     """

@@ -32,7 +32,7 @@ def spectral_norm(
     w: Tensor, v0: Tensor | None = None, tol: float = 1e-5, max_iter: int = 100
 ) -> tuple[Tensor, Tensor]:
     """Largest singular value ``σ₁(w)`` of one matrix and its right singular vector; see
-    :func:`spectral_norms` (this is the batch of one)."""
+    `spectral_norms` (this is the batch of one)."""
     sigma, v = spectral_norms(w[None], None if v0 is None else v0[None], tol, max_iter)
     return sigma[0], v[0]
 

@@ -9,7 +9,7 @@ A module is a ``torch.nn.Module`` that also knows
 Atoms (``atoms.py``) hold weights and declare a local norm, dual map and projection; bonds
 (``bonds.py``) hold none. Composition ``g @ f`` and concatenation ``(f, g)`` build the rest, and
 every operation on weight-shaped tensors (``norm``, ``normalize``, ``dualize``, ``project_``)
-is one walk: :meth:`Module.atom_shares` says which fraction of a target each atom receives.
+is one walk: `Module.atom_shares` says which fraction of a target each atom receives.
 """
 
 from __future__ import annotations

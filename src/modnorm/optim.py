@@ -1,6 +1,6 @@
 """Optimizers that take steps of a fixed size in the modular norm (DESIGN §1–2).
 
-Every step is the same short chain of small pieces (as optax's transformations)::
+Every step is the same short chain of small pieces (as optax's transformations):
 
     d  = direction(g, state)                  # SGD momentum, Adam moments, any torch.optim step
     u  = module.normalize(d, target=lr)       # SGD, Adam, AdamW, Normalized: ‖u‖_M = lr
@@ -10,7 +10,7 @@ Every step is the same short chain of small pieces (as optax's transformations):
 
 so the learning rate is the modular norm of every update, whatever the base optimizer, and a
 learning-rate scheduler's lr is that target norm. ``share`` is the atom's fraction of a target
-(:meth:`modnorm.Module.atom_shares`); atoms of share 0 (mass 0) never move. The optimizers are
+(`modnorm.Module.atom_shares`); atoms of share 0 (mass 0) never move. The optimizers are
 ``torch.optim.Optimizer`` s with one parameter group that holds exactly
 ``list(module.parameters())``: schedulers, ``zero_grad``, ``state_dict`` and closures work as
 in PyTorch, and gradient accumulation is PyTorch's (``.grad`` adds up over micro-batches; call
@@ -180,8 +180,8 @@ class ModularOptimizer(Optimizer):
     """Base class: ``step`` = direction → normalize or dualize to ``lr`` → apply with decay.
 
     Holds one parameter group, exactly ``list(module.parameters())`` in order, and keeps the
-    module (``self.module``) for its norm. Subclasses define :meth:`_direction` (the base
-    update, reading and writing ``self.state``) and may override :meth:`_shape`.
+    module (``self.module``) for its norm. Subclasses define `_direction` (the base
+    update, reading and writing ``self.state``) and may override `_shape`.
 
     Non-finite gradients raise a ``ValueError`` naming the atom, before anything (weights or
     state) changes; with ``skip_nonfinite=True`` the step is skipped instead and counted in
@@ -419,7 +419,7 @@ class Adam(ModularOptimizer):
 
     Args:
         lr: the modular norm of each update (``≥ 0``); betas: ``(β₁, β₂) ∈ [0, 1)²``;
-        eps: ``ε ≥ 0``; weight_decay, project, skip_nonfinite: as :class:`SGD`.
+        eps: ``ε ≥ 0``; weight_decay, project, skip_nonfinite: as `SGD`.
     """
 
     def __init__(
@@ -468,7 +468,7 @@ class Adam(ModularOptimizer):
 
 
 class AdamW(Adam):
-    r""":class:`Adam` under AdamW's name and default ``weight_decay=0.01``: modnorm's weight
+    r"""`Adam` under AdamW's name and default ``weight_decay=0.01``: modnorm's weight
     decay is always decoupled (AdamW's), so the two differ only in that default."""
 
     def __init__(
@@ -504,10 +504,10 @@ class Dual(ModularOptimizer):
         lr: the modular norm of each update (``≥ 0``).
         momentum: ``β ∈ [0, 1)``.
         nesterov: Nesterov's variant.
-        weight_decay: as :class:`SGD`.
+        weight_decay: as `SGD`.
         method: ``"newton_schulz"`` or ``"svd"`` for the orthogonalization.
-        project: as :class:`SGD`.
-        skip_nonfinite: as :class:`SGD`.
+        project: as `SGD`.
+        skip_nonfinite: as `SGD`.
     """
 
     def __init__(
@@ -553,7 +553,7 @@ class Normalized(ModularOptimizer):
     ``u = normalize(d, lr)`` is applied instead, then ``w ← (w − u)·(1 − lr·λ·share)``.
 
     The base optimizer (``self.base``) is built on the same parameters with ``lr=base_lr`` and
-    ``**base_kwargs``; it keeps its own state (saved under ``"base"`` in :meth:`state_dict`)
+    ``**base_kwargs``; it keeps its own state (saved under ``"base"`` in `state_dict`)
     and its own weight decay, which becomes part of ``d``. ``lr`` here is the target norm (what
     a scheduler changes); ``base_lr`` only matters where the base's step is not proportional
     to its lr (e.g. decoupled weight decay) and for rounding: ``d`` is recovered to about one
@@ -568,8 +568,8 @@ class Normalized(ModularOptimizer):
         base_lr: the base optimizer's lr (``None``: its default).
         modular_weight_decay: ``λ ≥ 0`` in the modular norm (``weight_decay`` in
             ``base_kwargs`` goes to the base optimizer).
-        project: as :class:`SGD`.
-        skip_nonfinite: as :class:`SGD`.
+        project: as `SGD`.
+        skip_nonfinite: as `SGD`.
     """
 
     def __init__(
