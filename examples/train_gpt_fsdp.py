@@ -1,6 +1,8 @@
 """Train a character-level GPT on Shakespeare, sharded with FSDP2, with a modnorm optimizer.
 
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --steps 100 --optimizer dual
+torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --stop-after 50 --checkpoint ck
+torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --checkpoint ck   # steps 51 to 200
 
 ``fully_shard`` turns every parameter into a DTensor of which each rank holds a slice. The
 modular norm of an atom is global, so modnorm gathers each atom's update to measure it and
@@ -21,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 
 import modnorm as mn
 from modnorm.data import text, text_windows
+from modnorm.distributed import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = {
@@ -39,6 +42,10 @@ parser.add_argument("--context", type=int, default=64)
 parser.add_argument("--width", type=int, default=128)
 parser.add_argument("--heads", type=int, default=4)
 parser.add_argument("--blocks", type=int, default=2)
+parser.add_argument(
+    "--checkpoint", type=Path, help="a directory: resumed from if it exists, saved at the end"
+)
+parser.add_argument("--stop-after", type=int, help="stop after this step (and checkpoint)")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -58,6 +65,17 @@ fully_shard(model)
 optimizer = OPTIMIZERS[args.optimizer](model, args.lr)  # after fully_shard, on the DTensors
 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / args.steps)
 windows = torch.Generator().manual_seed(1 + rank)  # different batches on different ranks
+first = 1
+if args.checkpoint is not None and args.checkpoint.exists():
+    # DCP reshards: the checkpoint may come from another number of ranks (or one process)
+    took = time.perf_counter()
+    extra = load_checkpoint(args.checkpoint, optimizer)
+    schedule.load_state_dict(extra["schedule"])
+    first = extra["step"] + 1
+    if len(extra["windows"]) == world:  # the same ranks: each continues its own batches
+        windows.set_state(extra["windows"][rank])
+    if rank == 0:
+        print(f"resumed at step {first} in {time.perf_counter() - took:.2f} s")
 
 
 def batch(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +84,15 @@ def batch(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 start = time.perf_counter()
-for step in range(1, args.steps + 1):
+last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+for step in range(first, last + 1):
     x, y = batch(data.train)
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     optimizer.zero_grad()
     loss.backward()  # FSDP2 reduce-scatters (averages) the gradients here
     optimizer.step()
     schedule.step()
-    if step % max(1, args.steps // 10) == 0 or step == args.steps:
+    if step % max(1, args.steps // 10) == 0 or step == last:
         with torch.no_grad():
             x, y = batch(data.val)
             val = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -83,6 +102,15 @@ for step in range(1, args.steps + 1):
         if rank == 0:
             took = time.perf_counter() - start
             print(f"step {step:5d}  train {train_loss:.3f}  val {val_loss:.3f}  ({took:.0f} s)")
+
+if args.checkpoint is not None:
+    took = time.perf_counter()
+    streams: list = [None] * world
+    dist.all_gather_object(streams, windows.get_state())  # each rank's batches, to resume them
+    extra = {"step": last, "schedule": schedule.state_dict(), "windows": streams}
+    save_checkpoint(args.checkpoint, optimizer, extra)  # every rank writes its slices
+    if rank == 0:
+        print(f"saved {args.checkpoint} in {time.perf_counter() - took:.2f} s")
 
 held = sum(p.to_local().numel() for p in model.parameters())
 total = sum(p.numel() for p in model.parameters())

@@ -4,9 +4,13 @@ process that sees the combined batch (float64, so agreement to 1e-6 is a real ch
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,8 @@ pytestmark = pytest.mark.skipif(
 
 WORLD = 2
 STEPS = 20
+RESUME = 4  # checkpoint tests: steps before the checkpoint, and after it
+CHECKPOINTED = ("sgd", "adam", "dual", "radam")
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda m: mn.optim.SGD(m, lr=0.1, momentum=0.9),
     "adam": lambda m: mn.optim.Adam(m, lr=0.1),
@@ -53,10 +59,12 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 5, (16,), generator=gen)
 
 
-def _train(model: Any, opt: torch.optim.Optimizer, rank: int, world: int) -> None:
-    """``STEPS`` steps; this rank sees its slice of each batch (the mean loss over its slice:
+def _train(
+    model: Any, opt: torch.optim.Optimizer, rank: int, world: int, steps: range = range(STEPS)
+) -> None:
+    """``steps`` steps; this rank sees its slice of each batch (the mean loss over its slice:
     DDP and FSDP2 average the gradients, so together that is the mean over the batch)."""
-    for step in range(STEPS):
+    for step in steps:
         x, y = _batch(step)
         loss = F.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
         opt.zero_grad()
@@ -106,15 +114,26 @@ def _spawn(worker: Callable[..., None], tmp: Path, timeout: float = 120.0) -> li
 # ---- the 2-process side: one spawn runs every scenario --------------------------------------
 
 
-def _ddp(rank: int) -> dict[str, Any]:
+def _ddp(rank: int, out_dir: Path) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
+
+    from modnorm.distributed import save_checkpoint
 
     result: dict[str, Any] = {}
     for name, make in OPTIMIZERS.items():
         net = _net()
         model = DDP(net)
-        _train(model, make(model), rank, WORLD)  # the optimizer unwraps DDP
+        opt = make(model)  # the optimizer unwraps DDP
+        _train(model, opt, rank, WORLD)
         result[name] = _full(net.parameters())
+        if name == "adam":  # replicated tensors: DCP writes each once
+            save_checkpoint(out_dir / "ddp_adam", opt)
+    # DDP keeps the module's parameters (FSDP2 replaces them): an optimizer built before the
+    # wrapper is as good as one built after it
+    net = _net()
+    opt = OPTIMIZERS["adam"](net)
+    _train(DDP(net), opt, rank, WORLD)
+    result["adam_built_before"] = _full(net.parameters())
     return result
 
 
@@ -175,6 +194,61 @@ def _fsdp(rank: int) -> dict[str, Any]:
     return result
 
 
+def _sharded(net: mn.Module) -> mn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for atom, _ in net.atom_shares():
+        fully_shard(atom)
+    fully_shard(net)
+    return net
+
+
+def _state(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state and modnorm's entry, with full tensors (a collective)."""
+    sd = opt.state_dict()
+    if "base" in sd:  # Normalized: the state is its base's
+        sd = {**sd["base"], "modnorm": sd["modnorm"]}
+    state = {
+        i: {k: _full([v])[0] if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        for i, st in sd["state"].items()
+    }
+    return {"state": state, "modnorm": sd["modnorm"]}
+
+
+def _checkpoints(rank: int, out_dir: Path) -> dict[str, Any]:
+    """Under FSDP2: ``RESUME`` steps, a checkpoint, ``RESUME`` more steps; and the same
+    checkpoint loaded into a fresh sharded model and optimizer, which takes those steps too."""
+    from modnorm.distributed import load_checkpoint, save_checkpoint
+
+    result: dict[str, Any] = {}
+    for name in CHECKPOINTED:
+        net = _sharded(_net())
+        opt = OPTIMIZERS[name](net)
+        if name == "adam":  # saved before the first step: no state yet, and none is made
+            save_checkpoint(out_dir / "fresh", opt, extra={"step": 0})
+            result["fresh_untouched"] = not opt.state
+        _train(net, opt, rank, WORLD, range(RESUME // 2))
+        save_checkpoint(out_dir / name, opt)  # then overwritten: the atomic replacement
+        _train(net, opt, rank, WORLD, range(RESUME // 2, RESUME))
+        save_checkpoint(out_dir / name, opt, extra={"step": RESUME})
+        saved = _state(opt)
+        _train(net, opt, rank, WORLD, range(RESUME, 2 * RESUME))
+        uninterrupted = _full(net.parameters())
+
+        net = _sharded(_net())
+        opt = OPTIMIZERS[name](net)
+        extra = load_checkpoint(out_dir / name, opt)
+        loaded = _state(opt)
+        _train(net, opt, rank, WORLD, range(extra["step"], 2 * RESUME))
+        result[name] = {
+            "saved": saved,
+            "loaded": loaded,
+            "uninterrupted": uninterrupted,
+            "resumed": _full(net.parameters()),
+        }
+    return result
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)  # 2 processes on a small machine
     dist.init_process_group(
@@ -184,15 +258,25 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
-    result = {"ddp": _ddp(rank), "fsdp": _fsdp(rank)}
+    result = {
+        "ddp": _ddp(rank, Path(out_dir) / "checkpoints"),
+        "fsdp": _fsdp(rank),
+        "checkpoints": _checkpoints(rank, Path(out_dir) / "checkpoints"),
+    }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def runs() -> list[dict[str, Any]]:
+def spawned() -> Iterator[tuple[list[dict[str, Any]], Path]]:
+    """The 2-process results, and the directory of the checkpoints they saved."""
     with tempfile.TemporaryDirectory() as tmp:
-        return _spawn(_worker, Path(tmp))
+        yield _spawn(_worker, Path(tmp)), Path(tmp) / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def runs(spawned: tuple[list[dict[str, Any]], Path]) -> list[dict[str, Any]]:
+    return spawned[0]
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +356,194 @@ def test_fsdp2_state_dicts_hold_every_atoms_warm_start_on_every_rank(
         assert all(w["_v"].numel() > 0 for run in runs for w in run["fsdp"][f"{name}_warm_start"])
         for a, b in zip(first, second, strict=True):
             torch.testing.assert_close(a["_v"], b["_v"], rtol=0, atol=0)
+
+
+# ---- checkpoints (torch.distributed.checkpoint) ----------------------------------------------
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in `reference`: tiny matrices
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_same_state(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["state"].keys() == want["state"].keys() and got["state"]
+    for i, st in want["state"].items():
+        assert got["state"][i].keys() == st.keys()
+        for key, value in st.items():  # moments, momentum buffers, step counts
+            torch.testing.assert_close(got["state"][i][key], value, rtol=0, atol=0)
+    assert got["modnorm"]["skipped_steps"] == want["modnorm"]["skipped_steps"]
+    for a, b in zip(got["modnorm"]["warm_start"], want["modnorm"]["warm_start"], strict=True):
+        assert a.keys() == b.keys()
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_a_sharded_checkpoint_resumes_exactly_on_two_ranks(
+    name: str, runs: list[dict[str, Any]]
+) -> None:
+    for rank, run in enumerate(runs):
+        ck = run["checkpoints"][name]
+        _assert_same_state(ck["loaded"], ck["saved"])
+        assert any(w for w in ck["saved"]["modnorm"]["warm_start"])  # warm starts were saved
+        for i, (got, want) in enumerate(zip(ck["resumed"], ck["uninterrupted"], strict=True)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"rank {rank}, param {i}")
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_a_sharded_checkpoint_resumes_exactly_on_one_process(
+    name: str, spawned: tuple[list[dict[str, Any]], Path], one_thread: None
+) -> None:
+    from modnorm.distributed import load_checkpoint
+
+    runs, checkpoints = spawned
+    ck = runs[0]["checkpoints"][name]
+    net = _net()
+    before = _full(net.parameters())
+    opt = OPTIMIZERS[name](net)
+    extra = load_checkpoint(checkpoints / name, opt)  # no process group: DCP reshards
+    assert extra == {"step": RESUME}
+    _assert_same_state(_state(opt), ck["saved"])
+    _train(net, opt, 0, 1, range(RESUME, 2 * RESUME))  # the combined batch
+    for i, (got, want) in enumerate(zip(_full(net.parameters()), ck["uninterrupted"], strict=True)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"param {i}")
+    moved = zip(before, ck["uninterrupted"], strict=True)
+    assert max((a - b).abs().max().item() for a, b in moved) > 1e-2  # the load did something
+
+
+def test_a_ddp_checkpoint_loads_on_one_process(
+    spawned: tuple[list[dict[str, Any]], Path], one_thread: None
+) -> None:
+    from modnorm.distributed import load_checkpoint
+
+    runs, checkpoints = spawned
+    net = _net()
+    assert load_checkpoint(checkpoints / "ddp_adam", OPTIMIZERS["adam"](net)) == {}
+    for got, want in zip(_full(net.parameters()), runs[0]["ddp"]["adam"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_ddp_keeps_the_parameters_an_optimizer_was_built_on(
+    runs: list[dict[str, Any]], reference: dict[str, list[torch.Tensor]]
+) -> None:
+    # FSDP2 replaces them, and the optimizer then raises (test_sharded_bad_input_...)
+    for run in runs:
+        for got, want in zip(run["ddp"]["adam_built_before"], reference["adam"], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_saved_before_the_first_step_changes_nothing(
+    spawned: tuple[list[dict[str, Any]], Path], one_thread: None
+) -> None:
+    from modnorm.distributed import load_checkpoint
+
+    runs, checkpoints = spawned
+    # DCP's get_optimizer_state_dict would take a zero-gradient step to create the state
+    assert all(run["checkpoints"]["fresh_untouched"] for run in runs)
+    net = _net()
+    opt = OPTIMIZERS["adam"](net)
+    assert load_checkpoint(checkpoints / "fresh", opt) == {"step": 0}
+    assert not opt.state
+    _train(net, opt, 0, 1, range(2))
+    assert opt.state_dict()["state"][0]["step"] == 2
+
+
+def test_a_checkpoint_that_does_not_fit_gets_a_clear_error(
+    spawned: tuple[list[dict[str, Any]], Path], tmp_path: Path
+) -> None:
+    from modnorm.distributed import load_checkpoint
+
+    checkpoints = spawned[1]
+    net = _net()
+    with pytest.raises(ValueError, match="saved with optimizer Adam, this is Dual"):
+        load_checkpoint(checkpoints / "adam", mn.optim.Dual(net, lr=0.1))
+    with pytest.raises(ValueError, match="saved with base optimizer of Normalized RAdam, this"):
+        load_checkpoint(checkpoints / "radam", mn.optim.Normalized(net, torch.optim.Adam, lr=0.1))
+    other = mn.ResMLP(12, 5, width=64, num_blocks=2)
+    with pytest.raises(ValueError, match=r"parameter '.*' has shape \(100, 12\) there and \(64"):
+        load_checkpoint(checkpoints / "adam", mn.optim.Adam(other, lr=0.1))
+    deeper = mn.ResMLP(12, 5, width=100, num_blocks=3)
+    with pytest.raises(ValueError, match=r"\(4 parameters there, 5 here\): its parameter '6"):
+        load_checkpoint(checkpoints / "adam", mn.optim.Adam(deeper, lr=0.1))
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        load_checkpoint(tmp_path / "missing", mn.optim.Adam(net, lr=0.1))
+    (tmp_path / "half").mkdir()  # what a save that crashed before DCP's .metadata leaves
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        load_checkpoint(tmp_path / "half", mn.optim.Adam(net, lr=0.1))
+    # nothing was changed by the failed loads
+    for got, want in zip(_full(net.parameters()), _full(_net().parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_save_interrupted_between_its_renames_loads_the_previous_checkpoint(
+    tmp_path: Path, one_thread: None
+) -> None:
+    from modnorm.distributed import load_checkpoint, save_checkpoint
+
+    net = _net()
+    opt = OPTIMIZERS["adam"](net)
+    _train(net, opt, 0, 1, range(2))
+    save_checkpoint(tmp_path / "ck", opt, extra={"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no .tmp or .old left
+    (tmp_path / "ck").rename(tmp_path / "ck.old")  # the state between the two renames
+    with pytest.warns(UserWarning, match="a save was interrupted"):
+        assert load_checkpoint(tmp_path / "ck", OPTIMIZERS["adam"](_net())) == {"step": 2}
+
+
+# ---- `modnorm train` under torchrun ----------------------------------------------------------
+
+
+def _torchrun(args: list[str], cwd: Path, nproc: int = WORLD) -> subprocess.CompletedProcess[str]:
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, *(launch if nproc > 1 else []), "-m", "modnorm.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_modnorm_train_under_torchrun_runs_checkpoints_and_resumes_exactly(
+    tmp_path: Path,
+) -> None:
+    from modnorm import experiments as ex
+    from modnorm.data import load
+
+    gen = torch.Generator().manual_seed(0)
+    words = "to be or not that is the question whether tis nobler in mind".split()
+    picks = torch.randint(0, len(words), (3000,), generator=gen).tolist()
+    (tmp_path / "t.txt").write_text(" ".join(words[i] for i in picks))
+    cfg = ex.TrainConfig(
+        model="gpt", data="text:t.txt", width=16, depth=1, num_heads=2, context=16, steps=6,
+        batch_size=4, eval_every=3, checkpoint_every=3,
+    )  # fmt: skip
+    args = ["train", "--model", "gpt", "--data", cfg.data, "--width", "16", "--depth", "1"]
+    args += ["--heads", "2", "--context", "16", "--steps", "6", "--batch-size", "4"]
+    args += ["--eval-every", "3", "--checkpoint-every", "3", "--no-progress"]
+
+    whole = _torchrun([*args, "--out", "whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    assert (tmp_path / "whole" / "checkpoint.pt").exists()
+    assert whole.stdout.count("train loss") == 1  # rank 0 alone reports
+    first = _torchrun([*args, "--out", "split", "--stop-after", "3"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = _torchrun([*args, "--out", "split", "--resume"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+
+    runs = [json.loads((tmp_path / d / "train.json").read_text()) for d in ("whole", "split")]
+    assert runs[0]["world_size"] == 2 and len(runs[0]["train_curve"]) == 6
+    assert runs[1]["train_curve"] == pytest.approx(runs[0]["train_curve"], rel=1e-6, abs=0)
+    assert [v["step"] for v in runs[1]["val"]] == [3, 6]
+
+    # Each rank draws its own batches: rank 0 draws what one process draws, so the logged mean
+    # of the two ranks' first losses is not the loss of one process's first batch.
+    data = load(f"text:{tmp_path / 't.txt'}")
+    one = ex.train(cfg, tmp_path / "one", data, progress=False, log=lambda _: None, stop_after=1)
+    assert abs(one["train_curve"][0] - runs[0]["train_curve"][0]) > 1e-4
+
+    # The checkpoint holds two data streams: one process cannot continue it exactly.
+    single = _torchrun([*args, "--out", "whole", "--resume"], tmp_path, nproc=1)
+    assert single.returncode == 2
+    assert "saved by 2 process(es) and this run has 1" in single.stderr

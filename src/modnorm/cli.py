@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory for checkpoint.pt and train.json"
     )
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tr.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop (with a checkpoint) after step STEP, to continue later with --resume",
+    )
     _common(tr)
 
     pl = sub.add_parser("plot", help="redraw the figure of a sweep from its results.json")
@@ -300,7 +307,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from modnorm.data import load
+    from modnorm.distributed import init_from_env
 
     cfg = ex.TrainConfig(
         model=args.model,
@@ -321,12 +331,30 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     cfg.sweep_config().validate()
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be a positive step, got {args.stop_after}")
     device = _device(args.device)
     _setup()
     data = load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
-    res = ex.train(
-        cfg, args.out, data, resume=args.resume, device=device, progress=not args.no_progress
-    )
+    # Under torchrun (WORLD_SIZE > 1): join the process group; ex.train then wraps the model
+    # in DDP, gives each rank its own batches, and logs and writes from rank 0 only.
+    device = init_from_env(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        res = ex.train(
+            cfg,
+            args.out,
+            data,
+            resume=args.resume,
+            device=device,
+            progress=not args.no_progress,
+            stop_after=args.stop_after,
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:  # rank 0 reports
+        return 0
     last = res["val"][-1] if res["val"] else {}
     print(f"train loss {res['train_loss']:.4f} (mean of the last 10% of steps)", end="")
     print(f", validation loss {last['loss']:.4f}" if last else "")

@@ -21,12 +21,22 @@ and the dual map needs the whole matrix anyway; a gather is one collective per a
 warm starts live on the owners; :func:`share_warm_starts` copies them everywhere for a state
 dict. Supported layouts: a one-dimensional device mesh with ``Shard(d)`` (any ``d``) or
 ``Replicate`` placements, what ``fully_shard`` makes; others raise a ``ValueError``.
+
+:func:`save_checkpoint` / :func:`load_checkpoint` save and resume a modnorm optimizer and its
+module with ``torch.distributed.checkpoint`` (sharded, resumable on any number of ranks), and
+:func:`init_from_env` joins the process group that ``torchrun`` launched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import shutil
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -41,8 +51,11 @@ __all__ = [
     "dualize",
     "gather",
     "global_sums",
+    "init_from_env",
+    "load_checkpoint",
     "norm",
     "normalize",
+    "save_checkpoint",
     "share_warm_starts",
 ]
 
@@ -328,3 +341,234 @@ def _pad(t: Tensor, dim: int, size: int) -> Tensor:
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim).contiguous()
+
+
+# ---- checkpoints (torch.distributed.checkpoint) ----------------------------------------------
+
+_META = "modnorm"  # the key of modnorm's own entry in a checkpoint
+
+
+def save_checkpoint(path: str | Path, optimizer: Any, extra: dict[str, Any] | None = None) -> None:
+    """Save ``optimizer.module``'s weights and ``optimizer``'s state (a modnorm optimizer) to
+    the directory ``path`` with ``torch.distributed.checkpoint``: each rank writes its own
+    slices of FSDP2's DTensors, so the checkpoint can be loaded on any number of ranks, or on
+    one process. ``extra`` (plain objects: step, scheduler state, …) is saved as rank 0 holds
+    it. A collective under a process group: every rank calls it. Atomic: written to
+    ``path.tmp``, then renamed, so a crash mid-save leaves the previous checkpoint intact."""
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(path)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    state = _checkpoint_state(optimizer)  # collectives under FSDP2 (warm starts, full sizes)
+    state[_META] = _blob({**_meta(optimizer), "extra": extra or {}})
+    if rank == 0 and tmp.exists():  # left by a save that crashed
+        shutil.rmtree(tmp)
+    _barrier(distributed)
+    with _single_process(distributed):
+        dcp.save(state, checkpoint_id=tmp, no_dist=not distributed)  # .metadata comes last
+    if rank == 0:
+        # Two renames, not one (a directory cannot replace a non-empty one atomically): a
+        # crash between them leaves path.old, which load_checkpoint falls back to.
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(distributed)
+
+
+def load_checkpoint(path: str | Path, optimizer: Any) -> dict[str, Any]:
+    """Load a :func:`save_checkpoint` directory into ``optimizer.module`` and ``optimizer``,
+    built as for the saved run (same architecture, same optimizer class) but on any number of
+    ranks and any layout (FSDP2, DDP, one process): DCP reshards the saved slices. Returns the
+    ``extra`` saved with it. A mismatch (another optimizer class, another architecture, a
+    directory that is not a complete checkpoint) raises a ``ValueError`` naming it, before
+    anything is changed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    where = _complete(Path(path))
+    distributed = dist.is_available() and dist.is_initialized()
+    header: dict[str, Any] = {_META: io.BytesIO()}
+    with _single_process(distributed):
+        dcp.load(header, checkpoint_id=where, no_dist=not distributed)  # modnorm's entry
+    blob = header[_META]  # DCP pickles each object, so this is _blob's BytesIO again
+    blob.seek(0)
+    meta = torch.load(blob, weights_only=False)
+    _check_meta(meta, _meta(optimizer), where)
+    state = _checkpoint_state(optimizer, meta)
+    with _single_process(distributed):
+        dcp.load(state, checkpoint_id=where, no_dist=not distributed)
+    module = optimizer.module
+    for opt, key in _optimizers(optimizer):
+        if key in state:
+            set_optimizer_state_dict(module, opt, state[key])
+        else:  # saved before its first step: no state, only the hyperparameters
+            groups = meta["param_groups"][key]
+            torch.optim.Optimizer.load_state_dict(opt, {"state": {}, "param_groups": groups})
+    # the weights last (dcp.load has already written them in place; this is a no-op copy
+    # unless a zero step of DCP's optimizer helpers moved them, e.g. with project=True)
+    set_model_state_dict(module, state["model"])
+    optimizer.skipped_steps = int(meta["skipped_steps"])
+    atoms = [atom for atom, _ in module.atom_shares()]
+    for atom, buffers in zip(atoms, meta["warm_start"], strict=True):
+        for name, value in buffers.items():
+            setattr(atom, name, value.to(_local(atom.weight).device))
+    return cast(dict[str, Any], meta["extra"])
+
+
+def _optimizers(optimizer: Any) -> list[tuple[torch.optim.Optimizer, str]]:
+    """The optimizers whose per-parameter state is saved: the modnorm optimizer, and the base
+    of a ``Normalized`` (whose own state is empty: the base holds it)."""
+    out = [(optimizer, "optimizer")]
+    base = getattr(optimizer, "base", None)
+    if isinstance(base, torch.optim.Optimizer):
+        out.append((base, "base_optimizer"))
+    return out
+
+
+def _checkpoint_state(optimizer: Any, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's and the optimizers' state dicts, keyed by parameter names (DCP's standard
+    ``get_model_state_dict`` / ``get_optimizer_state_dict``). An optimizer that has no state
+    (never stepped; or, when loading, saved so) is left out: those helpers would first take a
+    zero-gradient step with lr 0 to create its state, and that step is not harmless for
+    modnorm (Adam's step count, Dual's momentum) nor for ``Normalized``'s base."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from modnorm.optim import ModularOptimizer
+
+    if not isinstance(optimizer, ModularOptimizer):
+        raise TypeError(
+            f"expected a modnorm optimizer (it knows its module), got {type(optimizer).__name__}"
+        )
+    module = optimizer.module
+    state: dict[str, Any] = {"model": get_model_state_dict(module)}
+    for opt, key in _optimizers(optimizer):
+        saved = bool(opt.state) if meta is None else key in meta["stateful"]
+        if saved:
+            state[key] = get_optimizer_state_dict(module, opt)
+    return state
+
+
+def _meta(optimizer: Any) -> dict[str, Any]:
+    """What modnorm keeps besides the tensors: the optimizer's class, the parameters' names and
+    shapes (to check a resume against), the skipped steps and the spectral-norm warm starts
+    (non-parameter state that DCP's optimizer helpers drop), and each optimizer's
+    hyperparameters."""
+    from modnorm.optim import _warm_start_buffers
+
+    share_warm_starts(optimizer.module)  # FSDP2: from the rank that computed each
+    atoms = [atom for atom, _ in optimizer.module.atom_shares()]
+    return {
+        "optimizer": type(optimizer).__name__,
+        "base": type(getattr(optimizer, "base", None)).__name__,
+        "shapes": {n: tuple(p.shape) for n, p in optimizer.module.named_parameters()},
+        "skipped_steps": optimizer.skipped_steps,
+        "warm_start": [
+            {n: b.detach().cpu().clone() for n, b in _warm_start_buffers(a)} for a in atoms
+        ],
+        "stateful": [key for opt, key in _optimizers(optimizer) if opt.state],
+        "param_groups": {  # torch.optim's, not the subclasses' (Normalized adds its base's)
+            key: torch.optim.Optimizer.state_dict(opt)["param_groups"]
+            for opt, key in _optimizers(optimizer)
+        },
+    }
+
+
+def _check_meta(saved: dict[str, Any], here: dict[str, Any], path: Path) -> None:
+    """A clear error for a checkpoint that cannot resume this optimizer and module."""
+    for key, what in (("optimizer", "optimizer"), ("base", "base optimizer of Normalized")):
+        if saved[key] != here[key]:
+            raise ValueError(
+                f"{path} was saved with {what} {saved[key]}, this is {here[key]}: build the "
+                "optimizer the checkpoint was saved with"
+            )
+    want, have = saved["shapes"], here["shapes"]
+    if list(want) != list(have):
+        gone = [n for n in want if n not in have]
+        new = [n for n in have if n not in want]
+        detail = (
+            f"its parameter {gone[0]!r} is not in this model"
+            if gone
+            else f"this model's parameter {new[0]!r} is not in it"
+            if new
+            else "the parameters come in another order"
+        )
+        raise ValueError(
+            f"{path} was saved from another architecture ({len(want)} parameters there, "
+            f"{len(have)} here): {detail}"
+        )
+    for name, shape in want.items():
+        if tuple(have[name]) != tuple(shape):
+            raise ValueError(
+                f"{path} was saved from another architecture: parameter {name!r} has shape "
+                f"{tuple(shape)} there and {tuple(have[name])} here"
+            )
+
+
+def _complete(path: Path) -> Path:
+    """``path`` if it is a complete DCP checkpoint; ``path.old`` if a save crashed between its
+    renames; a clear error otherwise."""
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / ".metadata").exists():
+        warnings.warn(
+            f"{path} is missing but {old} is complete (a save was interrupted): loading it",
+            stacklevel=3,
+        )
+        return old
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    if not (path / ".metadata").exists():
+        raise ValueError(f"{path} is not a complete checkpoint (no .metadata file)")
+    return path
+
+
+def _blob(obj: Any) -> io.BytesIO:
+    """``obj`` pickled into one bytes entry: DCP would flatten a dict and expect its tensors
+    (the warm starts, empty before the first step) to have the saved shapes when loading."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@contextlib.contextmanager
+def _single_process(distributed: bool) -> Iterator[None]:
+    """Silence DCP's warning that it assumes one process: without a process group, it is."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+# ---- launching -----------------------------------------------------------------------------
+
+
+def init_from_env(device: str = "cpu") -> str:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), if it launched several processes:
+    NCCL with one GPU per process (``cuda:LOCAL_RANK``) when ``device`` is CUDA, gloo
+    otherwise. Returns the device this process uses; one process: ``device`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return device

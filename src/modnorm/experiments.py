@@ -9,7 +9,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +48,15 @@ class SweepConfig:
     num_heads: int = 4
     schedule: str = "linear"  # "linear" decay to zero, or "constant"
 
-    def validate(self) -> None:
+    def validate(self, known: Sequence[str] = OPTIMIZERS) -> None:
+        """Raise on a bad field; ``known`` are the optimizer names a sweep may use."""
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}: choose one of {list(MODELS)}")
         if self.scale not in SCALES:
             raise ValueError(f"unknown scale {self.scale!r}: choose width or depth")
         for o in self.optimizers:
-            if o not in OPTIMIZERS:
-                raise ValueError(f"unknown optimizer {o!r}: choose from {list(OPTIMIZERS)}")
+            if o not in known:
+                raise ValueError(f"unknown optimizer {o!r}: choose from {list(known)}")
         if not self.values or any(int(v) < 1 for v in self.values):
             raise ValueError(f"scale values must be positive integers, got {self.values}")
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
@@ -106,6 +107,13 @@ def _log2(p: str) -> float:
 
 
 # ---- one run -------------------------------------------------------------------------------
+
+
+# A replacement for build_model + build_optimizer: (cfg, data, width, depth, lr, device) →
+# the model on ``device`` and the optimizers that together update all of its weights.
+Builder = Callable[
+    [SweepConfig, Dataset, int, int, float, str], tuple[nn.Module, list[torch.optim.Optimizer]]
+]
 
 
 def build_model(
@@ -193,16 +201,23 @@ def train_one(
     seed: int,
     device: str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    build: Builder | None = None,
 ) -> dict[str, Any]:
     """Train one model for ``cfg.steps`` steps and return its metrics. A run whose loss goes
-    non-finite or above 10× its first loss is stopped and marked diverged."""
+    non-finite or above 10× its first loss is stopped and marked diverged. ``build`` replaces
+    ``build_model``/``build_optimizer`` (e.g. a peer library's model and optimizers); every
+    optimizer it returns gets the same schedule."""
     torch.manual_seed(seed)
-    model = build_model(cfg, optimizer, width, depth, data).to(device)
-    opt = build_optimizer(optimizer, model, lr)
-    if cfg.schedule == "linear":
-        sched: Any = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / cfg.steps)
+    if build is None:
+        model = build_model(cfg, optimizer, width, depth, data).to(device)
+        opts = [build_optimizer(optimizer, model, lr)]
     else:
-        sched = None
+        model, opts = build(cfg, data, width, depth, lr, device)
+    scheds = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 - s / cfg.steps)
+        for o in opts
+        if cfg.schedule == "linear"
+    ]
     gen = torch.Generator().manual_seed(10_000 + seed)
     losses: list[float] = []
     diverged = False
@@ -215,14 +230,16 @@ def train_one(
         if not math.isfinite(value) or value > 10 * losses[0]:
             diverged = True
             break
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         try:
-            opt.step()
+            for opt in opts:
+                opt.step()
         except ValueError:  # non-finite gradients: the run has diverged
             diverged = True
             break
-        if sched is not None:
+        for sched in scheds:
             sched.step()
         if on_step is not None:
             on_step(step, value)
@@ -375,12 +392,15 @@ def run_sweep(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    builders: Mapping[str, Builder] | None = None,
 ) -> dict[str, Any]:
     """Run every (optimizer, scale, lr, seed) of ``cfg`` not already in ``out_dir``, saving
-    ``results.json`` after each run, and return the results with their summary."""
+    ``results.json`` after each run, and return the results with their summary. An optimizer
+    named in ``builders`` is built by its builder instead of ``build_model``/``build_optimizer``."""
     from tqdm.auto import tqdm
 
-    cfg.validate()
+    builders = dict(builders or {})
+    cfg.validate(known=[*OPTIMIZERS, *builders])
     out = Path(out_dir)
     runs = load_results(out, cfg)
     done = {run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) for r in runs}
@@ -404,7 +424,9 @@ def run_sweep(
             if step % 20 == 0:
                 step_bar.set_postfix(loss=f"{loss:.3f}")
 
-        r = train_one(cfg, data, o, width, depth, lr, s, device, on_step=tick)
+        r = train_one(
+            cfg, data, o, width, depth, lr, s, device, on_step=tick, build=builders.get(o)
+        )
         step_bar.close()
         runs.append(r)
         status = (
@@ -481,19 +503,33 @@ def train(
     """Train, evaluating every ``eval_every`` steps and saving ``checkpoint.pt`` (atomically)
     every ``checkpoint_every`` steps and at the end. ``resume=True`` continues from the
     checkpoint exactly: model, optimizer, schedule, data stream and log are all restored.
-    ``stop_after`` ends the run early after that many steps (to test interruption)."""
+    ``stop_after`` ends the run early after that many steps (to test interruption).
+
+    Under a process group of several ranks (``modnorm train`` launched by torchrun), the model
+    is wrapped in DistributedDataParallel, each rank draws its own ``batch_size`` examples per
+    step (its data stream seeded by its rank), the logged loss is the mean over the ranks, and
+    rank 0 alone evaluates, logs and writes. The checkpoint holds every rank's data stream, so
+    it resumes on as many ranks as saved it."""
     from tqdm.auto import tqdm
 
     sweep = cfg.sweep_config()
     sweep.validate()
+    world, rank = _world()
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
+    if not resume and ckpt_path.exists():  # before any collective: every rank sees it
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
     torch.manual_seed(cfg.seed)
-    model = build_model(sweep, cfg.optimizer, cfg.width, cfg.depth, data).to(device)
+    net = build_model(sweep, cfg.optimizer, cfg.width, cfg.depth, data).to(device)
+    model = net
+    if world > 1:
+        ids = [torch.device(device)] if device.startswith("cuda") else None
+        model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
     factor = (lambda s: 1 - s / cfg.steps) if cfg.schedule == "linear" else (lambda s: 1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    # rank 0 draws what a single process draws; the others, streams of their own
+    gen = torch.Generator().manual_seed(10_000 + cfg.seed + 1_000_000 * rank)
     history: dict[str, list[Any]] = {"train": [], "val": []}
     start = 0
     if resume:
@@ -502,26 +538,36 @@ def train(
         ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was made with a different configuration; not resuming")
-        model.load_state_dict(ckpt["model"])
+        streams = ckpt.get("streams", [(ckpt["generator"], ckpt["torch_rng"])])
+        if len(streams) != world:
+            raise ValueError(
+                f"{ckpt_path} was saved by {len(streams)} process(es) and this run has {world}: "
+                "each process draws its own batches, so the data streams cannot continue "
+                f"exactly; resume with {len(streams)} process(es)"
+            )
+        net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        gen.set_state(streams[rank][0])
+        torch.set_rng_state(streams[rank][1])
         history = ckpt["history"]
         start = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {start}")
-    elif ckpt_path.exists():
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+        if rank == 0:
+            log(f"resumed from {ckpt_path} at step {start}")
 
     def save(step: int) -> None:
+        streams = _gather_objects((gen.get_state(), torch.get_rng_state()), world)
+        if rank != 0:
+            return
         state = {
             "config": asdict(cfg),
             "step": step,
-            "model": model.state_dict(),
+            "model": net.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "generator": gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "generator": streams[0][0],
+            "torch_rng": streams[0][1],
+            "streams": streams,
             "history": history,
         }
         out.mkdir(parents=True, exist_ok=True)
@@ -535,30 +581,64 @@ def train(
             raise
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, unit="step")
+    quiet = not progress or rank != 0
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=quiet, unit="step")
     for step in bar:
         x, y = data.batch(cfg.batch_size, gen, cfg.context)
         loss = loss_fn(model(x.to(device)), y.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} at step {step}: training diverged")
+        mean = _mean_over_ranks(loss.detach(), world)  # the same on every rank
+        if not torch.isfinite(mean):
+            raise FloatingPointError(f"the loss is {mean.item()} at step {step}: training diverged")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        history["train"].append(loss.item())
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val, acc = evaluate(model, data, sweep, device)
+        history["train"].append(mean.item())
+        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            val, acc = evaluate(net, data, sweep, device)
             history["val"].append({"step": step + 1, "loss": val, "accuracy": acc})
-            bar.set_postfix(train=f"{loss.item():.3f}", val=f"{val:.3f}")
+            bar.set_postfix(train=f"{mean.item():.3f}", val=f"{val:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save(step + 1)
     tail = history["train"][-max(1, len(history["train"]) // 10) :]
     summary = {
         "config": asdict(cfg),
+        "world_size": world,
         "steps_done": len(history["train"]),
         "train_loss": sum(tail) / max(1, len(tail)),
         "val": history["val"],
         "train_curve": history["train"],
     }
-    write_json_atomic(out / "train.json", summary)
+    if rank == 0:
+        write_json_atomic(out / "train.json", summary)
     return summary
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _mean_over_ranks(value: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / world
+
+
+def _gather_objects(obj: Any, world: int) -> list[Any]:
+    """``obj`` from every rank, in rank order (a collective); ``[obj]`` in one process."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
