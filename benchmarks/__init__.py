@@ -1,0 +1,1 @@
+"""Benchmark scripts: optimizer overhead, GPT on Shakespeare, learning-rate transfer."""

@@ -1,0 +1,334 @@
+"""Learning-rate transfer, side by side: modnorm's optimizers against standard practice, μP,
+u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr grid.
+
+    python -m benchmarks.transfer --suite quick     # ResMLP width and depth, 1 seed
+    python -m benchmarks.transfer --suite wide      # ResMLP width 32 and 1024, 1 seed
+    python -m benchmarks.transfer --suite full      # the published grid (resumable)
+    python -m benchmarks.transfer --suite quick --table   # print the tables of saved results
+
+Each sweep is a ``modnorm.experiments.run_sweep`` whose methods are built by
+``benchmarks.peers``; it writes ``OUT/<sweep>/results.json`` (runs, summary, skipped methods,
+command), ``lr.png`` (loss against lr, one curve per scale, one panel per method) and
+``curves.png`` (training curves at each method's own best lr). A method whose package is
+missing, or that has no version of a sweep's model, is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.peers import METHODS
+from modnorm import data as mn_data
+from modnorm import experiments as ex
+from modnorm.plots import draw_curves, draw_sweeps
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+NOISE = 1.0  # fresh input noise on digits, so the loss is not memorized (DESIGN §3)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A named sweep of a suite; its ``optimizers`` are filled in with the runnable methods."""
+
+    name: str
+    config: ex.SweepConfig
+
+
+def _cfg(**kw: Any) -> ex.SweepConfig:
+    return ex.SweepConfig(optimizers=[], **kw)
+
+
+def _resmlp(widths: list[int], depths: list[int], lrs: str, steps: int, seeds: int) -> list[Sweep]:
+    common = dict(
+        model="resmlp",
+        data="digits",
+        lrs=ex.parse_lrs(lrs),
+        steps=steps,
+        batch_size=128,
+        seeds=seeds,
+        input_noise=NOISE,
+        width=64,
+        depth=2,
+    )
+    return [
+        Sweep("resmlp-width", _cfg(scale="width", values=widths, **common)),
+        Sweep("resmlp-depth", _cfg(scale="depth", values=depths, **common)),
+    ]
+
+
+SUITES: dict[str, list[Sweep]] = {
+    # Smoke-level: 8× width and 16× depth, one seed.
+    "quick": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=1),
+    # The 32× width of issue #6's target at the quick suite's grid and budget, one seed.
+    "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1)[:1],
+    # The published grid (issue #6): 32× width, 16× depth, 3 seeds, a 1-octave grid.
+    "full": [
+        *_resmlp([32, 64, 128, 256, 512, 1024], [2, 4, 8, 16, 32], "2^-14:2^3", 200, 3),
+        Sweep(
+            "rescnn-width",
+            _cfg(
+                model="rescnn",
+                data="digits",
+                scale="width",
+                values=[16, 32, 64, 128],
+                lrs=ex.parse_lrs("2^-14:2^3"),
+                steps=200,
+                seeds=3,
+                input_noise=NOISE,
+                depth=2,
+            ),
+        ),
+        Sweep(
+            "gpt-width",  # CPU: a reduced budget (300 steps of 12 × 64 characters)
+            _cfg(
+                model="gpt",
+                data=f"text:{SHAKESPEARE}",
+                scale="width",
+                values=[64, 128, 256],
+                lrs=ex.parse_lrs("2^-14:2^3"),
+                steps=300,
+                batch_size=12,
+                seeds=1,
+                depth=2,
+                context=64,
+            ),
+        ),
+    ],
+}
+
+
+def plan(sweep: Sweep, names: Sequence[str]) -> tuple[ex.SweepConfig, dict[str, str]]:
+    """The sweep's config with the methods that can run it, and why the others cannot."""
+    runnable, skipped = [], {}
+    for name in names:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}: choose from {list(METHODS)}")
+        method = METHODS[name]
+        why = method.missing()
+        cfg = sweep.config
+        if why is None and cfg.model not in method.models:
+            why = f"no {cfg.model} model in this harness"
+        blocks = min(cfg.values) if cfg.scale == "depth" else cfg.depth
+        if why is None and blocks < method.min_blocks:
+            why = f"needs at least {method.min_blocks} blocks, the sweep has {blocks}"
+        if why is None:
+            runnable.append(name)
+        else:
+            skipped[name] = why
+    return replace(sweep.config, optimizers=runnable), skipped
+
+
+def run_suite(
+    sweeps: Sequence[Sweep],
+    out: Path,
+    methods: Sequence[str] = tuple(METHODS),
+    progress: bool = True,
+    figures: bool = True,
+    command: str = "",
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every sweep into ``out/<sweep>/``; return the results of each."""
+    results = []
+    for sweep in sweeps:
+        cfg, skipped = plan(sweep, methods)
+        for name, why in skipped.items():
+            log(f"{sweep.name}: skipping {name}: {why}")
+        if not cfg.optimizers:
+            log(f"{sweep.name}: no method can run it")
+            continue
+        if cfg.data.startswith("text:") and not Path(cfg.data[5:]).is_file():
+            log(f"{sweep.name}: skipped, no corpus at {cfg.data[5:]}")
+            continue
+        data = mn_data.load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
+        builders = {name: METHODS[name].build for name in cfg.optimizers}
+        r = ex.run_sweep(cfg, out / sweep.name, data, progress=progress, log=log, builders=builders)
+        r.update(
+            sweep=sweep.name,
+            skipped=skipped,
+            command=command,
+            environment={
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+            },
+            seed_spread=seed_spread(r["runs"], cfg.scale, r["summary"]),
+        )
+        ex.write_json_atomic(out / sweep.name / "results.json", r)
+        if figures:
+            draw_sweeps([r], out / sweep.name / "lr.png")
+            draw_curves(r, out / sweep.name / "curves.png")
+        results.append(r)
+    return results
+
+
+def seed_spread(
+    runs: Sequence[dict[str, Any]], scale: str, summary: dict[str, Any]
+) -> dict[str, float | None]:
+    """Per method, the largest standard deviation over seeds of the final loss at a scale's
+    best lr (None with one seed)."""
+    out: dict[str, float | None] = {}
+    for opt, s in summary.items():
+        worst: float | None = None
+        for v, best in s["best_lr"].items():
+            if best is None:
+                continue
+            mine = [r for r in runs if r["optimizer"] == opt and str(r[scale]) == v]
+            lr = min({r["lr"] for r in mine}, key=lambda x: abs(math.log2(x) - math.log2(best)))
+            losses = [r["train_loss"] for r in mine if r["lr"] == lr]
+            if len(losses) > 1 and all(math.isfinite(x) for x in losses):
+                m = sum(losses) / len(losses)
+                sd = math.sqrt(sum((x - m) ** 2 for x in losses) / (len(losses) - 1))
+                worst = sd if worst is None else max(worst, sd)
+        out[opt] = worst
+    return out
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def _lr(x: float | None) -> str:
+    return "—" if x is None else f"2^{math.log2(x):g}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else ("∞" if not math.isfinite(x) else f"{100 * x:.1f} %")
+
+
+def _oct(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def method_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per method of a sweep: best lr per scale, drift, regret, best loss per scale,
+    its largest standard deviation over seeds, edge flags, divergences, wall time."""
+    rows = []
+    order = [m for m in METHODS if m in result["summary"]]
+    spread = result.get("seed_spread", {})
+    for name in order:
+        s = result["summary"][name]
+        sd = spread.get(name)
+        scales = list(s["best_lr"])
+        edges = [v for v in scales if s["edge"][v]]
+        rows.append(
+            [
+                name,
+                ", ".join(_lr(s["best_lr"][v]) for v in scales),
+                _oct(s["drift_octaves"]),
+                _pct(s["regret"]),
+                ", ".join(f"{s['best_loss'][v]:.3f}" for v in scales),
+                "—" if sd is None else f"{sd:.3f}",
+                ", ".join(edges) if edges else "none",
+                str(s["diverged"]),
+                f"{s['wall_time']:.0f} s",
+            ]
+        )
+    return rows
+
+
+METHOD_HEADER = [
+    "method",
+    "best lr per scale",
+    "drift (octaves)",
+    "regret",
+    "best loss per scale",
+    "seed sd",
+    "best lr on grid edge",
+    "diverged runs",
+    "time",
+]
+SUMMARY_HEADER = ["sweep", "method", "best lr per scale", "drift (octaves)", "regret"]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def describe(result: dict[str, Any]) -> str:
+    """What a sweep was, in one line."""
+    c = result["config"]
+    fixed = f"depth {c['depth']}" if c["scale"] == "width" else f"width {c['width']}"
+    return (
+        f"{c['model']} {c['scale']} {', '.join(map(str, c['values']))} ({fixed}); "
+        f"lr 2^{math.log2(min(c['lrs'])):g} … 2^{math.log2(max(c['lrs'])):g} "
+        f"({len(c['lrs'])} points); {c['steps']} steps, batch {c['batch_size']}, "
+        f"{c['seeds']} seed(s)"
+    )
+
+
+def summary_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """The README table: per sweep and method, best lr per scale, drift and regret."""
+    rows = []
+    for r in results:
+        for row in method_rows(r):
+            rows.append([r["sweep"], row[0], row[1], row[2], row[3]])
+    return rows
+
+
+def load_suite(out: Path) -> list[dict[str, Any]]:
+    """Saved results of every sweep under ``out``, in name order."""
+    import json
+
+    found = [json.loads(p.read_text()) for p in out.glob("*/results.json")]
+    done = [r for r in found if "summary" in r and "sweep" in r]
+    return sorted(done, key=lambda r: (r["config"]["model"], r["config"]["scale"] != "width"))
+
+
+def report(results: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for r in results:
+        parts.append(f"### {r['sweep']}\n\n{describe(r)}\n")
+        parts.append(_markdown(METHOD_HEADER, method_rows(r)))
+        if r.get("skipped"):
+            parts.append(
+                "\nSkipped: " + "; ".join(f"{k} ({v})" for k, v in r["skipped"].items()) + "\n"
+            )
+    parts.append("\n### summary\n\n" + _markdown(SUMMARY_HEADER, summary_rows(results)))
+    return "\n".join(parts)
+
+
+# ---- command line --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    p.add_argument("--out", help="output directory (default benchmarks/results/transfer/SUITE)")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--table", action="store_true", help="print the tables of saved results")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "transfer" / args.suite
+    if not args.table:
+        # One thread: on a shared 2-core machine, two threads that wait on each other are
+        # many times slower. Denormals slow Adam near zero loss (DESIGN §3).
+        torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)
+        methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            p.error(f"unknown method(s) {unknown}: choose from {list(METHODS)}")
+        command = "python -m benchmarks.transfer " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+        run_suite(SUITES[args.suite], out, methods, progress=not args.no_progress, command=command)
+    print(report(load_suite(out)))
+
+
+if __name__ == "__main__":
+    main()

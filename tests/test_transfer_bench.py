@@ -1,0 +1,195 @@
+"""The learning-rate transfer harness (``benchmarks/transfer.py``): a tiny run of every
+available method, missing peers skipped and reported, the peers built as their packages
+prescribe, and the README's transfer table equal to the committed results."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import peers
+from benchmarks import transfer as tr
+from modnorm import experiments as ex
+from modnorm.data import digits
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "results" / "transfer" / "quick"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> object:
+    # As the harness runs: two threads that wait on each other on a busy 2-core machine make
+    # these tiny runs several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(values: list[int], scale: str = "width") -> tr.Sweep:
+    cfg = ex.SweepConfig(
+        model="resmlp",
+        scale=scale,
+        values=values,
+        lrs=[2.0**-4, 2.0**-1],
+        optimizers=[],
+        steps=2,
+        batch_size=16,
+        input_noise=1.0,
+        width=8,
+        depth=2,
+    )
+    return tr.Sweep(f"tiny-{scale}", cfg)
+
+
+def test_every_available_method_runs_and_missing_ones_are_skipped(tmp_path: Path) -> None:
+    logs: list[str] = []
+    (r,) = tr.run_suite([_tiny([8, 16])], tmp_path, progress=False, log=logs.append)
+    available = {n for n, m in peers.METHODS.items() if m.missing() is None}
+    assert set(r["summary"]) == available
+    assert set(r["skipped"]) == set(peers.METHODS) - available
+    assert {"torch-adam", "modnorm-adam", "modnorm-dual"} <= available  # never optional
+    for name in r["skipped"]:
+        assert any(f"skipping {name}" in line for line in logs)
+    saved = json.loads((tmp_path / "tiny-width" / "results.json").read_text())
+    assert len(saved["runs"]) == len(available) * 2 * 2
+    assert all(math.isfinite(run["train_loss"]) or run["diverged"] for run in saved["runs"])
+    assert (tmp_path / "tiny-width" / "lr.png").stat().st_size > 0
+    assert (tmp_path / "tiny-width" / "curves.png").stat().st_size > 0
+    table = tr.report([saved])
+    assert all(f"| {name} |" in table for name in available)
+    # Resuming runs nothing twice.
+    logs.clear()
+    tr.run_suite([_tiny([8, 16])], tmp_path, progress=False, figures=False, log=logs.append)
+    assert any("resuming" in line and "0 to go" in line for line in logs)
+
+
+def test_a_missing_package_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    ghost = peers.Method("ghost", peers.torch_adam, ("resmlp",), ("no_such_package_xyz",))
+    monkeypatch.setitem(peers.METHODS, "ghost", ghost)
+    logs: list[str] = []
+    (r,) = tr.run_suite(
+        [_tiny([8])],
+        tmp_path,
+        ["ghost", "torch-adam"],
+        progress=False,
+        figures=False,
+        log=logs.append,
+    )
+    assert "no_such_package_xyz is not installed" in r["skipped"]["ghost"]
+    assert set(r["summary"]) == {"torch-adam"}
+    assert any("skipping ghost" in line for line in logs)
+
+
+def test_methods_without_the_model_or_depth_are_skipped() -> None:
+    cnn = tr.Sweep("cnn", replace(_tiny([8]).config, model="rescnn"))
+    cfg, skipped = tr.plan(cnn, ["umup-adam", "torch-adam"])
+    assert cfg.optimizers == ["torch-adam"] and set(skipped) == {"umup-adam"}
+    if peers.METHODS["umup-adam"].missing() is None:
+        assert skipped["umup-adam"] == "no rescnn model in this harness"
+    cfg, skipped = tr.plan(_tiny([1, 2], "depth"), ["modula-adam"])
+    assert cfg.optimizers == [] and set(skipped) == {"modula-adam"}
+    if peers.METHODS["modula-adam"].missing() is None:
+        assert skipped["modula-adam"] == "needs at least 2 blocks, the sweep has 1"
+    with pytest.raises(ValueError, match="unknown method 'adam2'"):
+        tr.plan(_tiny([8]), ["adam2"])
+
+
+def test_modnorm_methods_go_through_the_shared_loop_unchanged() -> None:
+    cfg, data = _tiny([8]).config, digits(input_noise=1.0)
+    plain = ex.train_one(cfg, data, "modnorm-adam", 8, 2, 0.25, 0)
+    built = ex.train_one(
+        cfg, data, "modnorm-adam", 8, 2, 0.25, 0, build=peers.METHODS["modnorm-adam"].build
+    )
+    assert plain["curve"] == built["curve"]
+
+
+def test_seed_spread_is_the_standard_deviation_at_the_best_lr() -> None:
+    def run(lr: float, seed: int, loss: float) -> dict[str, object]:
+        return dict(optimizer="a", width=8, lr=lr, seed=seed, train_loss=loss, diverged=False,
+                    wall_time=0.0)  # fmt: skip
+
+    runs = [run(0.1, 0, 1.0), run(0.1, 1, 1.2), run(1.0, 0, 3.0), run(1.0, 1, 9.0)]
+    summary = ex.summarize(runs, "width")
+    assert tr.seed_spread(runs, "width", summary) == {"a": pytest.approx(0.02**0.5)}
+    assert tr.seed_spread(runs[::2], "width", ex.summarize(runs[::2], "width")) == {"a": None}
+
+
+def test_mup_uses_the_smallest_width_as_base() -> None:
+    pytest.importorskip("mup")
+    cfg, data = _tiny([8, 32]).config, digits()
+    model, (opt,) = peers.mup_adam(cfg, data, 32, 2, 0.1, "cpu")
+    assert model[-1].width_mult() == 4  # type: ignore[index]
+    lrs = {g["lr"] for g in opt.param_groups}
+    assert lrs == {0.1, 0.1 / 4}  # vector-like at full lr, hidden matrices at lr / width_mult
+
+
+def test_umup_scales_block_learning_rates_by_width_and_depth() -> None:
+    pytest.importorskip("unit_scaling")
+    cfg, data = _tiny([16]).config, digits()
+    model, (opt,) = peers.umup_adam(cfg, data, 16, 4, 1.0, "cpu")
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    block = model.blocks[0].linear.weight  # type: ignore[index, union-attr]
+    assert by_param[id(block)] == pytest.approx(16**-0.5 * 4**-0.5)
+    assert by_param[id(model.head.weight)] == pytest.approx(1.0)  # type: ignore[union-attr]
+
+
+def test_muon_gets_only_hidden_matrices() -> None:
+    if peers.METHODS["muon"].missing():
+        pytest.skip("no torch.optim.Muon")
+    cfg, data = _tiny([16]).config, digits()
+    model, (adamw, muon) = peers.muon(cfg, data, 16, 3, 0.01, "cpu")
+    shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
+    assert shapes == [(16, 16)] * 3
+    n = sum(1 for g in adamw.param_groups for _ in g["params"])
+    assert n + len(shapes) == len(list(model.parameters()))
+
+
+def test_modula_adam_steps_have_the_reference_norm() -> None:
+    pytest.importorskip("modula")
+    cfg, data = _tiny([16]).config, digits()
+    model, (opt,) = peers.modula_adam(cfg, data, 16, 2, 0.5, "cpu")
+    x, y = data.x_train[:32], data.y_train[:32]
+    head = list(model.parameters())[-1]
+    assert head.shape == (10, 16)
+    before = head.detach().clone()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    # The head's share of a step of modular norm 0.5 in Modula's ResMLP (three parts of mass
+    # 1) is 0.5 / 3. Modula estimates the spectral norm with one power-iteration step, which
+    # can only underestimate it, so the step is at least that large (and not wildly more).
+    sigma = float(torch.linalg.matrix_norm(head.detach() - before, ord=2))
+    assert 0.5 / 3 * 0.999 <= sigma <= 2 * 0.5 / 3
+
+
+# ---- the README's table against the committed JSON ---------------------------------------------
+
+
+def _readme_rows() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"^## Transfer benchmarks\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, "README has no '## Transfer benchmarks' section"
+    rows = [line for line in m.group(1).splitlines() if line.startswith("| ")]
+    assert rows[0].strip("| ").split(" | ") == tr.SUMMARY_HEADER
+    return [r.strip().strip("|").split(" | ") for r in rows[1:]]
+
+
+def test_readme_transfer_table_matches_the_committed_json() -> None:
+    results = tr.load_suite(COMMITTED)
+    assert results, f"no committed results under {COMMITTED}"
+    readme = [[c.strip() for c in row] for row in _readme_rows()]
+    assert readme == tr.summary_rows(results)
+    # And the numbers read back from the README are the JSON's.
+    by_sweep = {r["sweep"]: r["summary"] for r in results}
+    for sweep, method, lrs, drift, regret in readme:
+        s = by_sweep[sweep][method]
+        exps = [float(v.removeprefix("2^")) for v in lrs.split(", ")]
+        assert exps == pytest.approx([math.log2(x) for x in s["best_lr"].values()], abs=1e-6)
+        assert float(drift) == pytest.approx(s["drift_octaves"], abs=0.05)
+        assert float(regret.removesuffix(" %")) == pytest.approx(100 * s["regret"], abs=0.05)
