@@ -80,6 +80,29 @@ def test_regret_denominator_has_a_floor() -> None:
     assert s["a"]["regret"] == pytest.approx((0.011 - 0.001) / 0.05)
 
 
+def test_regret_between_grid_points_is_read_off_both_neighbours() -> None:
+    # The smallest model ties at 0.25 and 0.5, so its best lr is their geometric middle; the
+    # loss of the other model there is interpolated in log2(lr), not taken from whichever
+    # neighbour a tie-break picks (which made regret depend on the grid's order).
+    lrs = [0.125, 0.25, 0.5, 1.0]
+    runs = [_run("a", 32, lr, x) for lr, x in zip(lrs, [0.5, 0.3, 0.3, 0.6], strict=True)]
+    runs += [_run("a", 64, lr, x) for lr, x in zip(lrs, [0.6, 0.4, 0.2, 0.5], strict=True)]
+    s = ex.summarize(runs, "width")
+    assert s["a"]["best_lr"]["32"] == pytest.approx(2**-1.5)
+    assert s["a"]["regret"] == pytest.approx((0.3 - 0.2) / 0.2)
+    # Reversing the 64-wide model's neighbours gives the same regret: no side is favoured.
+    runs[-4:] = [_run("a", 64, lr, x) for lr, x in zip(lrs, [0.6, 0.2, 0.4, 0.5], strict=True)]
+    assert ex.summarize(runs, "width")["a"]["regret"] == pytest.approx((0.3 - 0.2) / 0.2)
+
+
+def test_loss_at_interpolates_in_log_lr_and_respects_divergence() -> None:
+    curve = {0.25: 1.0, 1.0: 3.0, 4.0: math.inf}
+    assert ex.loss_at(curve, 0.5) == pytest.approx(2.0)  # half-way in log2
+    assert ex.loss_at(curve, 1.0) == 3.0
+    assert ex.loss_at(curve, 0.1) == 1.0  # outside the grid: the nearest end
+    assert ex.loss_at(curve, 2.0) == math.inf  # a diverged neighbour
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown model"):
         ex.SweepConfig(model="vit").validate()

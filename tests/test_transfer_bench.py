@@ -193,3 +193,12 @@ def test_readme_transfer_table_matches_the_committed_json() -> None:
         assert exps == pytest.approx([math.log2(x) for x in s["best_lr"].values()], abs=1e-6)
         assert float(drift) == pytest.approx(s["drift_octaves"], abs=0.05)
         assert float(regret.removesuffix(" %")) == pytest.approx(100 * s["regret"], abs=0.05)
+
+
+def test_committed_summaries_are_those_of_their_runs() -> None:
+    # A change to the metrics (e.g. how regret reads between grid points) must be followed by
+    # re-summarizing the committed sweeps: `python -m benchmarks.transfer --suite quick`.
+    for out in (COMMITTED, COMMITTED.parent / "wide"):
+        for r in tr.load_suite(out):
+            fresh = ex.summarize(r["runs"], r["config"]["scale"])
+            assert json.loads(json.dumps(fresh)) == r["summary"], r["sweep"]

@@ -292,10 +292,28 @@ def best_lr(
     return {"lr": middle, "loss": low, "edge": edge, "near": near}
 
 
+def loss_at(curve: dict[float, float], lr: float) -> float:
+    """The loss of ``curve`` (lr → loss) at ``lr``, linear in log2(lr) between the two grid
+    points around it (the best lr is often between them: the middle of near-ties); the
+    nearest end outside the grid. Infinite if a neighbour diverged."""
+    grid = sorted(curve)
+    if lr <= grid[0] or lr >= grid[-1]:
+        return curve[grid[0] if lr <= grid[0] else grid[-1]]
+    hi = next(g for g in grid if g >= lr)
+    lo = grid[grid.index(hi) - 1]
+    if hi == lr:
+        return curve[hi]
+    if not (math.isfinite(curve[lo]) and math.isfinite(curve[hi])):
+        return math.inf
+    t = (math.log2(lr) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return (1 - t) * curve[lo] + t * curve[hi]
+
+
 def summarize(runs: Sequence[dict[str, Any]], scale: str, floor: float = 0.05) -> dict[str, Any]:
     """Per optimizer: best lr per scale, drift (octaves), regret at the smallest model's best
-    lr (worst relative excess over scales, denominator floored at ``floor``), best loss per
-    scale and whether it improves with scale, divergences. Losses are averaged over seeds."""
+    lr (worst relative excess over scales, denominator floored at ``floor``; the loss there by
+    `loss_at`), best loss per scale and whether it improves with scale, divergences. Losses
+    are averaged over seeds."""
     out: dict[str, Any] = {}
     for opt in sorted({r["optimizer"] for r in runs}):
         mine = [r for r in runs if r["optimizer"] == opt]
@@ -320,10 +338,9 @@ def summarize(runs: Sequence[dict[str, Any]], scale: str, floor: float = 0.05) -
             ref = best[scales[0]]["lr"]
             worst = 0.0
             for v in scales:
-                c = curves[v]
-                nearest = min(c, key=lambda lr: abs(math.log2(lr) - math.log2(ref)))
+                at_ref = loss_at(curves[v], ref)
                 b = best[v]["loss"]
-                excess = (c[nearest] - b) / max(b, floor) if math.isfinite(c[nearest]) else math.inf
+                excess = (at_ref - b) / max(b, floor) if math.isfinite(at_ref) else math.inf
                 worst = max(worst, excess)
             regret = worst
         best_losses = [best[v]["loss"] for v in scales]
