@@ -92,6 +92,81 @@ def test_per_atom_bounds_hold_for_resmlp(width: int, depth: int, kind: str) -> N
     assert "within the bound" in report.table()
 
 
+def _train(net: mn.Module, steps: int, make_x: object, classes: int = 10) -> None:
+    opt = mn.optim.Adam(net, lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = make_x()  # type: ignore[operator]
+        y = torch.randint(0, classes, (x.shape[0],), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("model", "width", "depth"),
+    [
+        ("resmlp", 16, 2),
+        ("resmlp", 32, 2),
+        ("resmlp", 64, 2),
+        ("resmlp", 16, 1),
+        ("resmlp", 16, 4),
+        ("resmlp", 16, 8),
+        ("rescnn", 4, 1),
+        ("rescnn", 8, 1),
+        ("rescnn", 4, 2),
+    ],
+)
+@pytest.mark.parametrize("trained", [False, True])
+def test_network_bound_holds_on_residual_compounds_at_init_and_after_training(
+    model: str, width: int, depth: int, trained: bool
+) -> None:
+    # Where the theory's assumptions hold (worst-case ν in every bond, unit-RMS inputs), a step
+    # of modular norm η moves the output by at most η: random and gradient steps, three widths
+    # and three depths, before and after 20 steps of normalized Adam.
+    torch.manual_seed(0)
+    if model == "resmlp":
+        net = mn.ResMLP(16, 10, width, num_blocks=depth)
+
+        def make_x() -> torch.Tensor:
+            return unit(32, 16)
+    else:
+        net = mn.ResCNN(3, 10, width, num_blocks=depth)
+
+        def make_x() -> torch.Tensor:
+            x = torch.randn(8, 3, 6, 6)  # unit RMS over channels at every pixel
+            return x / x.square().mean(1, keepdim=True).sqrt()
+
+    if trained:
+        _train(net, 20, make_x)
+    x = make_x()
+    y = torch.randint(0, 10, (x.shape[0],))
+    for kind in ("random", "gradient"):
+        report = well_normed(net, x, kind=kind, y=y)
+        assert report.linear_ratio <= 1.01, (kind, report.table())
+        assert report.ratio <= 1.01, (kind, report.table())
+
+
+def test_a_broken_scale_factor_is_reported() -> None:
+    # A Linear whose forward pass forgets to divide by its fan-in moves the output far more
+    # than its norm allows: the check must say so, for that atom and for the network.
+    class Loud(mn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * math.sqrt(self.in_features)
+
+    torch.manual_seed(0)
+    good = mn.Linear(32, 10) @ mn.Linear(16, 32)  # exact worst-case constants: no activation
+    bad = mn.Linear(32, 10) @ Loud(16, 32)
+    bad.load_state_dict(good.state_dict())
+    x = unit(32, 16)
+    ok = well_normed(good, x, kind="aligned")
+    broken = well_normed(bad, x, kind="aligned")
+    assert ok.violations == []
+    assert broken.linear_ratio > 1.5
+    assert any(name.startswith("0") for name in broken.violations), broken.table()
+    assert "BREAKS" in broken.table()
+
+
 def test_power_iteration_finds_larger_changes_and_residual_breaks_are_explained() -> None:
     net, x = mn.ResMLP(16, 10, 16, num_blocks=8), unit(32, 16)
     plain = well_normed(net, x, kind="aligned", rounds=0)
