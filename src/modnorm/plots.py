@@ -17,12 +17,22 @@ def _pyplot() -> Any:
     return plt
 
 
+# Panels per row: nine methods side by side made a figure 4,000 pixels wide.
+_COLUMNS = 3
+
+
 def draw_sweeps(sweeps: list[dict[str, Any]], path: str | Path, metric: str = "train_loss") -> Path:
-    """One row per sweep (results as written by ``run_sweep``), one column per optimizer."""
+    """One block of rows per sweep (results as written by ``run_sweep``), one panel per
+    optimizer, at most ``_COLUMNS`` panels to a row."""
     plt = _pyplot()
     optimizers = sorted({o for s in sweeps for o in s["config"]["optimizers"]}, key=_order)
-    rows, cols = len(sweeps), len(optimizers)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    cols = min(len(optimizers), _COLUMNS)
+    per_sweep = math.ceil(len(optimizers) / cols)
+    rows = len(sweeps) * per_sweep
+    fig, grid = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for block in range(len(sweeps)):  # the empty panels at the end of each sweep's rows
+        for k in range(len(optimizers), per_sweep * cols):
+            grid[block * per_sweep + k // cols][k % cols].set_visible(False)
     for i, sweep in enumerate(sweeps):
         cfg = sweep["config"]
         summary = sweep.get("summary", {})
@@ -32,7 +42,7 @@ def draw_sweeps(sweeps: list[dict[str, Any]], path: str | Path, metric: str = "t
         top = min(max(finite), 3 * min(finite)) if finite else 1.0
         bottom = min(finite) * 0.9 if finite else 0.1
         for j, opt in enumerate(optimizers):
-            ax = axes[i][j]
+            ax = grid[i * per_sweep + j // cols][j % cols]
             _panel(
                 ax, sweep, opt, metric, top, summary.get(opt, {}) if metric == "train_loss" else {}
             )
@@ -44,7 +54,7 @@ def draw_sweeps(sweeps: list[dict[str, Any]], path: str | Path, metric: str = "t
                 title += f"\ndrift {drift:.1f} octaves"
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("log2 learning rate")
-            if j == 0:
+            if j % cols == 0:
                 ax.set_ylabel(metric.replace("_", " "))
             ax.grid(alpha=0.3)
     fig.tight_layout()
