@@ -308,7 +308,7 @@ class WellNormedReport:
     def plot(self, path: str | Path) -> Path:
         """Bar figure: per atom (and the network) the measured first-order output change
         against its bound, both in units of ``η``; red bars break the bound."""
-        from modnorm.plots import _pyplot
+        from modnorm.plots import _pyplot, save_figure
 
         plt = _pyplot()
         names = [r.name for r in self.rows] + ["network"]
@@ -335,11 +335,7 @@ class WellNormedReport:
         )
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
-        return out
+        return save_figure(fig, path, dpi=120)
 
 
 def _loss(name: str, out: Tensor, y: Tensor) -> Tensor:
@@ -857,7 +853,7 @@ class AlignmentLog:
     def plot(self, path: str | Path) -> Path:
         """Ratio against step: the update on the training and held-out batches, and a
         random step of the same modular norm; dashed: the linearized ratios."""
-        from modnorm.plots import _pyplot
+        from modnorm.plots import _pyplot, save_figure
 
         plt = _pyplot()
         steps = [r.step for r in self.records]
@@ -881,15 +877,7 @@ class AlignmentLog:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        return _save(fig, plt, path)
-
-
-def _save(fig: Any, plt: Any, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        return save_figure(fig, path, dpi=120)
 
 
 def alignment(
@@ -1123,7 +1111,7 @@ class CoordCheck:
     def plot(self, path: str | Path) -> Path:
         """Two rows (activation RMS, per-step change) by one column per method; one line
         per group; x = width or depth on a log2 axis."""
-        from modnorm.plots import _pyplot
+        from modnorm.plots import _pyplot, save_figure
 
         plt = _pyplot()
         methods = list(self.rms)
@@ -1158,7 +1146,7 @@ class CoordCheck:
                 ax.legend(fontsize=7)
         fig.suptitle(f"coordinate check: {self.model}, mean of steps 1–{self.steps}", fontsize=10)
         fig.tight_layout()
-        return _save(fig, plt, path)
+        return save_figure(fig, path, dpi=120)
 
 
 def coordinate_check(

@@ -8,6 +8,15 @@ from pathlib import Path
 from typing import Any
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) and close it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -58,11 +67,7 @@ def draw_sweeps(sweeps: list[dict[str, Any]], path: str | Path, metric: str = "t
                 ax.set_ylabel(metric.replace("_", " "))
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -139,7 +144,4 @@ def draw_curves(sweep: dict[str, Any], path: str | Path) -> Path:
         ax.legend(fontsize=7, title=cfg["scale"], title_fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
