@@ -146,6 +146,7 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, out: str) -> Non
                 )
     if rank == 0:
         torch.save(rows, Path(out) / "rows.pt")
+    dist.barrier()  # ranks tear gloo down together: one leaving early can abort
     dist.destroy_process_group()
 
 

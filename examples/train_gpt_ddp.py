@@ -87,4 +87,5 @@ spread = first.clone()
 dist.all_reduce(spread, op=dist.ReduceOp.MAX)
 if rank == 0:
     print(f"largest difference between ranks' weights: {(spread - first).abs().max().item():.1e}")
+dist.barrier()  # ranks tear gloo down together: one leaving early can abort
 dist.destroy_process_group()

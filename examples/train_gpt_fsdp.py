@@ -115,4 +115,5 @@ if args.checkpoint is not None:
 held = sum(p.to_local().numel() for p in model.parameters())
 total = sum(p.numel() for p in model.parameters())
 print(f"rank {rank} holds {held} of the {total} weights")
+dist.barrier()  # ranks tear gloo down together: one leaving early can abort
 dist.destroy_process_group()

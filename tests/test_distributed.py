@@ -264,6 +264,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         "checkpoints": _checkpoints(rank, Path(out_dir) / "checkpoints"),
     }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()  # ranks tear gloo down together: one leaving early can abort
     dist.destroy_process_group()
 
 

@@ -628,6 +628,12 @@ def train(
     }
     if rank == 0:
         write_json_atomic(out / "train.json", summary)
+    if world > 1:
+        # Ranks leave together: one that tears its process group down while rank 0 is still
+        # writing aborted gloo ("terminate called without an active exception"), 1 run in 6.
+        import torch.distributed as dist
+
+        dist.barrier()
     return summary
 
 
