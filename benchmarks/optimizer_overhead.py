@@ -7,7 +7,8 @@ median time per step of
 * forward + backward,
 * the base Adam step (``torch.optim.Adam.step``),
 * normalization (``module.normalize`` inside ``mn.optim.Adam.step``),
-* dualization (``module.dualize``, Newton–Schulz, inside ``mn.optim.Dual.step``),
+* dualization (``module.dualize``, Newton–Schulz, inside ``mn.optim.Dual.step``), in full
+  (float32) and in mixed (bfloat16) precision,
 
 and the optimizer state of each optimizer next to ``torch.optim.Adam``'s (on a GPU also the
 peak memory a step allocates on top of the state). Targets (DESIGN §3, the optimizer issue):
@@ -150,6 +151,7 @@ def bench(device: str, widths: list[int], steps: int, warmup: int, quick: bool) 
                 "torch_adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
                 "mn_adam": lambda m: mn.optim.Adam(m, 0.1),
                 "mn_dual": lambda m: mn.optim.Dual(m, 0.1),
+                "mn_dual_mixed": lambda m: mn.optim.Dual(m, 0.1, precision="mixed"),
                 "mn_sgd_momentum": lambda m: mn.optim.SGD(m, 0.1, momentum=0.9),
                 "mn_normalized_adam": lambda m: mn.optim.Normalized(m, torch.optim.Adam, 0.1),
             }
@@ -157,7 +159,8 @@ def bench(device: str, widths: list[int], steps: int, warmup: int, quick: bool) 
             for key, make in optimizers.items():
                 model = trained[key] = copy.deepcopy(base)
                 # The last two only report memory: one step after the one that creates state.
-                few = losses if key in ("torch_adam", "mn_adam", "mn_dual") else losses[:2]
+                timed = ("torch_adam", "mn_adam", "mn_dual", "mn_dual_mixed")
+                few = losses if key in timed else losses[:2]
                 res[key] = measure(model, make(model), few, min(warmup, len(few) - 1), device)
             fb = statistics.median(
                 res[k]["fwd_bwd_ms"] for k in ("torch_adam", "mn_adam", "mn_dual")
@@ -176,6 +179,8 @@ def bench(device: str, widths: list[int], steps: int, warmup: int, quick: bool) 
                 "dualize_ms": res["mn_dual"]["shape_ms"],
                 "normalize_ratio": res["mn_adam"]["shape_ms"] / fb,
                 "dualize_ratio": res["mn_dual"]["shape_ms"] / fb,
+                "dualize_mixed_ms": res["mn_dual_mixed"]["shape_ms"],
+                "dualize_mixed_ratio": res["mn_dual_mixed"]["shape_ms"] / fb,
                 "torch_adam_state_bytes": adam_state,
                 "extra_state_bytes_over_torch_adam": {
                     k: r["state_bytes"] - adam_state for k, r in res.items() if k != "torch_adam"
@@ -200,6 +205,7 @@ def print_row(r: dict) -> None:
         f"adam step {r['torch_adam_step_ms']:7.1f} | normalize {r['normalize_ms']:7.1f} "
         f"({100 * r['normalize_ratio']:5.1f} %) | dualize {r['dualize_ms']:8.1f} "
         f"({100 * r['dualize_ratio']:6.1f} %, ≤15 % at batch ≥ {r['dualize_target_batch']}) | "
+        f"mixed {r['dualize_mixed_ms']:8.1f} ({100 * r['dualize_mixed_ratio']:6.1f} %) | "
         f"state over Adam MiB: adam {extra['mn_adam']:+.2f} dual {extra['mn_dual']:+.2f} "
         f"sgd {extra['mn_sgd_momentum']:+.2f} normalized {extra['mn_normalized_adam']:+.2f}",
         flush=True,
@@ -215,6 +221,7 @@ def verdict(rows: list[dict]) -> dict[str, Any]:
         out[f"{r['device']}/{r['model']}/{r['width']}"] = {
             "normalize_le_2pct": r["normalize_ratio"] <= TARGETS["normalize"],
             "dualize_le_15pct": r["dualize_ratio"] <= TARGETS["dualize"],
+            "dualize_mixed_le_15pct": r["dualize_mixed_ratio"] <= TARGETS["dualize"],
             "no_more_state_than_adam": {
                 k: v <= 0 for k, v in r["extra_state_bytes_over_torch_adam"].items()
             },

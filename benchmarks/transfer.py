@@ -3,6 +3,7 @@ u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr
 
     python -m benchmarks.transfer --suite quick     # ResMLP width and depth, 1 seed
     python -m benchmarks.transfer --suite wide      # ResMLP width 32 and 1024, 1 seed
+    python -m benchmarks.transfer --suite models    # ResCNN and GPT width, 1 seed
     python -m benchmarks.transfer --suite full      # the published grid (resumable)
     python -m benchmarks.transfer --suite quick --table   # print the tables of saved results
 
@@ -66,43 +67,53 @@ def _resmlp(widths: list[int], depths: list[int], lrs: str, steps: int, seeds: i
     ]
 
 
+def _rescnn(widths: list[int], lrs: str, seeds: int) -> Sweep:
+    return Sweep(
+        "rescnn-width",
+        _cfg(
+            model="rescnn",
+            data="digits",
+            scale="width",
+            values=widths,
+            lrs=ex.parse_lrs(lrs),
+            steps=200,
+            seeds=seeds,
+            input_noise=NOISE,
+            depth=2,
+        ),
+    )
+
+
+def _gpt(widths: list[int], lrs: str) -> Sweep:
+    return Sweep(
+        "gpt-width",  # CPU: a reduced budget (300 steps of 12 × 64 characters)
+        _cfg(
+            model="gpt",
+            data=f"text:{SHAKESPEARE}",
+            scale="width",
+            values=widths,
+            lrs=ex.parse_lrs(lrs),
+            steps=300,
+            batch_size=12,
+            seeds=1,
+            depth=2,
+            context=64,
+        ),
+    )
+
+
 SUITES: dict[str, list[Sweep]] = {
     # Smoke-level: 8× width and 16× depth, one seed.
     "quick": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=1),
     # The 32× width of issue #6's target at the quick suite's grid and budget, one seed.
     "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1)[:1],
+    # The other two models at 4× width, the quick suite's grid, one seed.
+    "models": [_rescnn([16, 64], "2^-11:2^3", 1), _gpt([64, 256], "2^-11:2^3")],
     # The published grid (issue #6): 32× width, 16× depth, 3 seeds, a 1-octave grid.
     "full": [
         *_resmlp([32, 64, 128, 256, 512, 1024], [2, 4, 8, 16, 32], "2^-14:2^3", 200, 3),
-        Sweep(
-            "rescnn-width",
-            _cfg(
-                model="rescnn",
-                data="digits",
-                scale="width",
-                values=[16, 32, 64, 128],
-                lrs=ex.parse_lrs("2^-14:2^3"),
-                steps=200,
-                seeds=3,
-                input_noise=NOISE,
-                depth=2,
-            ),
-        ),
-        Sweep(
-            "gpt-width",  # CPU: a reduced budget (300 steps of 12 × 64 characters)
-            _cfg(
-                model="gpt",
-                data=f"text:{SHAKESPEARE}",
-                scale="width",
-                values=[64, 128, 256],
-                lrs=ex.parse_lrs("2^-14:2^3"),
-                steps=300,
-                batch_size=12,
-                seeds=1,
-                depth=2,
-                context=64,
-            ),
-        ),
+        _rescnn([16, 32, 64, 128], "2^-14:2^3", 3),
+        _gpt([64, 128, 256], "2^-14:2^3"),
     ],
 }
 

@@ -89,7 +89,34 @@ def test_orthogonalize_zero_and_batches_and_bf16(method: str) -> None:
     assert abs(torch.linalg.matrix_norm(ob.float(), ord=2) - 1) < 2e-2
 
 
-def test_orthogonalize_rejects_unknown_method() -> None:
+@pytest.mark.parametrize("shape", [(256, 256), (96, 300), (300, 96), (3, 128, 160)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_precision_is_a_dual_map_on_full_rank_input(
+    shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    g = torch.randn(shape, dtype=dtype)
+    o = orthogonalize(g, precision="mixed")
+    assert o.dtype == dtype and o.shape == g.shape
+    # the last step runs in float32/64: the singular values are 1 again, not 1 ± 4e-3
+    assert (torch.linalg.matrix_norm(o.double(), ord=2) - 1).abs().max() < 1e-5
+    nuclear = torch.linalg.matrix_norm(g.double(), ord="nuc")
+    assert ((nuclear - (g.double() * o.double()).sum((-2, -1))) / nuclear).abs().max() < 1e-3
+
+
+def test_mixed_precision_lifts_bfloat16_rounding_of_a_low_rank_input() -> None:
+    # The trade-off the docstring states: full precision keeps a rank-1 input rank 1; bfloat16
+    # rounding (~4e-3 relative) sits above the iteration's ~1e-3 threshold, so mixed
+    # precision turns it into hundreds of spurious directions.
+    g = torch.randn(512, 1) @ torch.randn(1, 512)
+    full = torch.linalg.svdvals(orthogonalize(g, precision="full"))
+    mixed = torch.linalg.svdvals(orthogonalize(g, precision="mixed"))
+    assert abs(full[0] - 1) < 1e-5 and full[1] < 1e-3
+    assert abs(mixed[0] - 1) < 1e-5 and int((mixed > 0.05).sum()) > 100
+
+
+def test_orthogonalize_rejects_unknown_method_and_precision() -> None:
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        orthogonalize(torch.randn(3, 3), precision="half")
     with pytest.raises(ValueError, match="unknown orthogonalization method 'qr'"):
         orthogonalize(torch.randn(3, 3), "qr")
 

@@ -29,6 +29,7 @@ OPTIMIZERS: dict[str, Make] = {
     "adamw": lambda m: optim.AdamW(m, LR, weight_decay=0.1),
     "dual": lambda m: optim.Dual(m, LR),
     "dual-svd": lambda m: optim.Dual(m, LR, momentum=0.9, nesterov=False, method="svd"),
+    "dual-mixed": lambda m: optim.Dual(m, LR, precision="mixed"),
     "normalized-radam": lambda m: optim.Normalized(m, torch.optim.RAdam, LR),
     "normalized-adagrad": lambda m: optim.Normalized(m, torch.optim.Adagrad, LR),
 }
@@ -495,6 +496,8 @@ def test_bad_momentum_and_weight_decay() -> None:
         optim.Adam(model, LR, weight_decay=-1.0)
     with pytest.raises(ValueError, match="method"):
         optim.Dual(model, LR, method="qr")
+    with pytest.raises(ValueError, match=r"precision must be one of .* got 'half'"):
+        optim.Dual(model, LR, precision="half")
 
 
 def test_bad_lr_from_a_scheduler_or_user_is_caught_at_step(digits) -> None:

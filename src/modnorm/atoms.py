@@ -47,8 +47,10 @@ class _MatrixAtom(Atom):
     def atom_norm(self, t: Tensor) -> Tensor:
         return type(self).atom_norms([self], [t])[0]
 
-    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
-        return type(self).atom_duals([self], [g], method)[0]
+    def atom_dual(
+        self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
+    ) -> Tensor:
+        return type(self).atom_duals([self], [g], method, precision)[0]
 
     @classmethod
     def atom_norms(cls, atoms: list[Atom], tensors: list[Tensor]) -> list[Tensor]:
@@ -69,12 +71,14 @@ class _MatrixAtom(Atom):
         return out
 
     @classmethod
-    def atom_duals(cls, atoms: list[Atom], tensors: list[Tensor], method: str) -> list[Tensor]:
+    def atom_duals(
+        cls, atoms: list[Atom], tensors: list[Tensor], method: str, precision: str = "full"
+    ) -> list[Tensor]:
         matrix_atoms = cast(list[_MatrixAtom], atoms)
         mats = [a._mats(t) for a, t in zip(matrix_atoms, tensors, strict=True)]
         out: list[Tensor] = [torch.zeros(())] * len(atoms)
         for idx in _groups(mats):
-            dual = orthogonalize(torch.cat([mats[i] for i in idx]), method)
+            dual = orthogonalize(torch.cat([mats[i] for i in idx]), method, precision=precision)
             start = 0
             for i in idx:
                 p = mats[i].shape[0]
@@ -157,7 +161,9 @@ class Embedding(Atom):
     def atom_norm(self, t: Tensor) -> Tensor:
         return t.float().norm(dim=1).max()
 
-    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
+    def atom_dual(
+        self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
+    ) -> Tensor:
         g32 = g.float()
         n = g32.norm(dim=1, keepdim=True)
         return torch.where(n > 0, g32 / n.clamp_min(torch.finfo(torch.float32).tiny), 0.0).to(

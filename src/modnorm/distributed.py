@@ -206,7 +206,9 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def dualize(module: Module, tensors: Sequence[Tensor], target: float, method: str) -> list[Tensor]:
+def dualize(
+    module: Module, tensors: Sequence[Tensor], target: float, method: str, precision: str
+) -> list[Tensor]:
     """:meth:`Module.dualize` of sharded tensors, each matrix on one rank: atom ``i``
     (counting atoms of positive share) is gathered to rank ``i mod world_size``, dualized
     there (batched by shape with the rank's other atoms), and scattered back in slices."""
@@ -218,7 +220,7 @@ def dualize(module: Module, tensors: Sequence[Tensor], target: float, method: st
     split = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
     dual = {
         i: d * (target * shares[i][1])
-        for i, d in zip(mine, _atom_duals(split, method), strict=True)
+        for i, d in zip(mine, _atom_duals(split, method, precision), strict=True)
     }
     out = [torch.zeros_like(t) for t in tensors]
     for i, r in owners.items():

@@ -124,25 +124,42 @@ def _top_singular(
     return s[:, 0], vh[:, 0]
 
 
+PRECISIONS = ("full", "mixed")
+
+
 @torch.no_grad()
 def orthogonalize(
-    g: Tensor, method: str = "newton_schulz", steps: int = 5, polish: int = 4, rtol: float = 1e-3
+    g: Tensor,
+    method: str = "newton_schulz",
+    steps: int = 5,
+    polish: int = 4,
+    rtol: float = 1e-3,
+    precision: str = "full",
 ) -> Tensor:
     """The polar factor ``U Vᵀ`` of ``g = U Σ Vᵀ`` (batched over leading dims): the dual map
     of the spectral norm.
 
     ``newton_schulz`` (default, matmuls only): ``steps`` quintic steps with Muon's coefficients
     bring singular values above about ``1e-3·σ₁`` into [0.7, 1.2]; ``polish`` cubic steps
-    ``x ↦ 1.5x − 0.5x³`` then pull them to 1 to ~1e-4, so the result has spectral norm 1 and
+    ``x ↦ 1.5x − 0.5x³`` then pull them to 1 to ~1e-6, so the result has spectral norm 1 and
     ``⟨g, UVᵀ⟩`` is the nuclear norm. Singular values far below ``σ₁`` (rounding noise) stay
     small instead of becoming full-size directions: the iteration is a soft threshold.
     ``svd`` is exact and treats singular values below ``rtol·σ₁`` as zero, for the same reason.
     A zero matrix maps to zero.
+
+    ``precision`` (Newton–Schulz only): ``"full"`` runs in float32 (float64 for float64
+    input). ``"mixed"`` runs every step but the last in bfloat16, as Muon does: 3–4× faster
+    where bfloat16 matmuls are native (CUDA, CPUs with AMX; elsewhere emulated and far
+    slower), with the same spectral norm and ``⟨g, UVᵀ⟩`` within 1e-4 on full-rank input. But
+    bfloat16 rounding (~4e-3) lies above the soft threshold, so a low-rank ``g`` gains
+    full-size spurious directions (a rank-1 512 × 512 matrix: 258 singular values above 0.05).
     """
     if method not in ("newton_schulz", "svd"):
         raise ValueError(
             f"unknown orthogonalization method {method!r}: use 'newton_schulz' or 'svd'"
         )
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {PRECISIONS}")
     dtype = _compute_dtype(g)
     x = g.to(dtype)
     transpose = x.shape[-2] > x.shape[-1]
@@ -156,16 +173,20 @@ def orthogonalize(
     else:
         # Frobenius ≥ spectral: every singular value starts in [0, 1]; zero stays zero.
         scale = x.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        x = x / scale
+        low = torch.bfloat16 if precision == "mixed" else dtype
+        x = (x / scale).to(low)
         a, b, c = _QUINTIC
         for _ in range(steps):
             gram = x @ x.mT
             x = a * x + (b * gram + c * gram @ gram) @ x
         # The quintic overshoots up to ~1.2; the cubic step's fixed point at 1 is stable only
-        # below √3 and it maps (1, √3) back under 1, so polishing converges from there.
-        for _ in range(polish):
+        # below √3 and it maps (1, √3) back under 1, so polishing converges from there
+        # (errors 0.3 → 0.12 → 0.02 → 7e-4 → 1e-6): bfloat16's 4e-3 only matters in the last.
+        for i in range(polish):
+            if i == polish - 1:
+                x = x.to(dtype)
             x = 1.5 * x - 0.5 * (x @ x.mT) @ x
-        out = x
+        out = x.to(dtype)
     if transpose:
         out = out.mT
     return out.to(g.dtype)

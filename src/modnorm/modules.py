@@ -172,17 +172,22 @@ class Module(nn.Module):
 
     @torch.no_grad()
     def dualize(
-        self, tensors: Sequence[Tensor], target: float = 1.0, method: str = "newton_schulz"
+        self,
+        tensors: Sequence[Tensor],
+        target: float = 1.0,
+        method: str = "newton_schulz",
+        precision: str = "full",
     ) -> list[Tensor]:
         """Steepest direction ``argmax_{‖T‖_M ≤ target} ⟨G, T⟩`` for a gradient ``G``: each
         atom's dual map (e.g. ``UVᵀ`` for a matrix) scaled to ``target·share``. ``method``
-        orthogonalizes matrices by ``"newton_schulz"`` or ``"svd"`` (see ``linalg``)."""
+        orthogonalizes matrices by ``"newton_schulz"`` (in ``precision`` ``"full"`` or
+        ``"mixed"``) or ``"svd"``: see `modnorm.linalg.orthogonalize`."""
         target = _check_target(target)
         if _distributed.any_sharded(tensors):  # each matrix orthogonalized by one rank
-            return _distributed.dualize(self, tensors, target, method)
+            return _distributed.dualize(self, tensors, target, method, precision)
         split = self._split(tensors)
         out = []
-        for (_, share, t), d in zip(split, _atom_duals(split, method), strict=True):
+        for (_, share, t), d in zip(split, _atom_duals(split, method, precision), strict=True):
             out.append(d * (target * share) if share > 0 else torch.zeros_like(t))
         return out
 
@@ -281,11 +286,14 @@ def _atom_norms(split: list[tuple[Atom, float, Tensor]]) -> list[Tensor]:
     return out
 
 
-def _atom_duals(split: list[tuple[Atom, float, Tensor]], method: str) -> list[Tensor]:
+def _atom_duals(
+    split: list[tuple[Atom, float, Tensor]], method: str, precision: str
+) -> list[Tensor]:
     out: list[Tensor] = [torch.zeros(())] * len(split)
     for family, idx in _by_family(split).items():
         keep = [i for i in idx if split[i][1] > 0]  # mass 0: no dual map needed
-        duals = family.atom_duals([split[i][0] for i in keep], [split[i][2] for i in keep], method)
+        atoms, tensors = [split[i][0] for i in keep], [split[i][2] for i in keep]
+        duals = family.atom_duals(atoms, tensors, method, precision)
         for i, d in zip(keep, duals, strict=True):
             out[i] = d
     return out
@@ -377,15 +385,19 @@ class Atom(Module):
         return [a.atom_norm(t) for a, t in zip(atoms, tensors, strict=True)]
 
     @classmethod
-    def atom_duals(cls, atoms: list[Atom], tensors: list[Tensor], method: str) -> list[Tensor]:
+    def atom_duals(
+        cls, atoms: list[Atom], tensors: list[Tensor], method: str, precision: str = "full"
+    ) -> list[Tensor]:
         """Dual maps of several atoms' tensors at once (override to batch the work)."""
-        return [a.atom_dual(t, method) for a, t in zip(atoms, tensors, strict=True)]
+        return [a.atom_dual(t, method, precision) for a, t in zip(atoms, tensors, strict=True)]
 
     def atom_norm(self, t: Tensor) -> Tensor:
         """This atom's norm of a weight-shaped tensor."""
         raise NotImplementedError
 
-    def atom_dual(self, g: Tensor, method: str = "newton_schulz") -> Tensor:
+    def atom_dual(
+        self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
+    ) -> Tensor:
         """Unit-norm ``argmax_{‖T‖ ≤ 1} ⟨g, T⟩``; zero for ``g = 0``."""
         raise NotImplementedError
 
