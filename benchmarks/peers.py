@@ -25,13 +25,15 @@ import importlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm.data import Dataset
+from modnorm.diagnostics import calibrate_
+from modnorm.modules import Module
 
 Built = tuple[nn.Module, list[torch.optim.Optimizer]]
 
@@ -82,13 +84,18 @@ def torch_adamw(
     return model, [torch.optim.AdamW(model.parameters(), lr=lr)]  # default weight decay 0.01
 
 
-def modnorm_method(name: str) -> ex.Builder:
-    """modnorm's compound and optimizer ``name`` (one of ``modnorm.experiments.OPTIMIZERS``)."""
+def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
+    """modnorm's compound and optimizer ``name`` (one of ``modnorm.experiments.OPTIMIZERS``);
+    with ``calibrate``, each RMSDivide first declares the input RMS it sees on a batch of 256
+    (`modnorm.diagnostics.calibrate_`), drawn from its own generator."""
 
     def build(
         cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
     ) -> Built:
         model = ex.build_model(cfg, name, width, depth, data).to(device)
+        if calibrate:
+            x, _ = data.batch(256, torch.Generator().manual_seed(12_345), cfg.context)
+            calibrate_(cast(Module, model), x.to(device))
         return model, [ex.build_optimizer(name, model, lr)]
 
     return build
@@ -294,5 +301,11 @@ METHODS: dict[str, Method] = {
         Method("modnorm-adam", modnorm_method("modnorm-adam"), ALL_MODELS),
         Method("modnorm-sgd", modnorm_method("modnorm-sgd"), ALL_MODELS),
         Method("modnorm-dual", modnorm_method("modnorm-dual"), ALL_MODELS),
+        Method(
+            "modnorm-adam-calibrated",
+            modnorm_method("modnorm-adam", calibrate=True),
+            ALL_MODELS,
+            note="RMSDivide ν = 1/(input RMS at init)",
+        ),
     ]
 }

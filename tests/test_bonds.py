@@ -74,6 +74,35 @@ def test_rmsdivide_sharpness_at_unit_rms() -> None:
     assert worst > 0.5  # the bound is not vacuous: the curvature is of order one
 
 
+@pytest.mark.parametrize("r", [0.25, 0.5])
+def test_rmsdivide_declared_input_rms_bounds_gain_and_curvature(r: float) -> None:
+    bond = mn.RMSDivide(input_rms=r)
+    assert bond.sensitivity == pytest.approx(1 / r)
+    x = r * unit_rms(256, 16)  # inputs exactly at the declared RMS
+    gain, curve = 0.0, 0.0
+    for _ in range(10):
+        d = unit_rms(256, 16)
+        eps = 1e-4
+        jvp = (bond(x + eps * d) - bond(x - eps * d)) / (2 * eps)
+        gain = max(gain, float(rms(jvp)))
+        curve = max(curve, float(rms(second_difference(bond, x, d))))
+    assert 0.5 / r < gain <= bond.sensitivity * 1.001  # the gain is 1/r, above the nominal 1
+    assert 0.5 / r**2 < curve <= bond.sharpness[2]  # type: ignore[index]
+
+
+def test_changing_input_rms_changes_the_shares() -> None:
+    net = mn.ResMLP(8, 4, width=16, num_blocks=2)
+    before = [s for _, s in net.atom_shares()]
+    rms_divides = [m for m in net.modules() if isinstance(m, mn.RMSDivide)]
+    rms_divides[0].input_rms = 0.5
+    after = [s for _, s in net.atom_shares()]
+    assert after[0] < before[0]  # the input layer sits before the now more sensitive bond
+    assert net.sensitivity > 1
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="input_rms must be finite and positive"):
+            mn.RMSDivide(input_rms=bad)
+
+
 def test_gelu_sharpness_grows_like_sqrt_width_and_bounds_the_curvature() -> None:
     for d in (16, 256):
         gelu = mn.ScaledGELU()

@@ -21,6 +21,7 @@ from modnorm import baselines, cli
 from modnorm.diagnostics import (
     COORD_GROUPS,
     alignment,
+    calibrate_,
     coord_taps,
     coordinate_check,
     loss_constants,
@@ -194,6 +195,48 @@ def test_gpt_break_is_flagged_not_hidden(tmp_path: Path) -> None:
     assert report.plot(tmp_path / "gpt.png").read_bytes()[:8] == PNG
 
 
+def test_calibrate_sets_the_smallest_input_rms_and_leaves_the_forward_unchanged() -> None:
+    lin = mn.Linear(8, 8)
+    net = mn.Linear(8, 4) @ mn.RMSDivide() @ mn.Mul(0.5) @ lin @ mn.RMSDivide()
+    x = unit(16, 8) * (1 + torch.rand(16, 1))  # rows of RMS 1 to 2: capped at 1 (ν ≥ 1)
+    y = net(x)
+    got = calibrate_(net, x)
+    assert torch.equal(net(x), y)
+    with torch.no_grad():
+        inner = 0.5 * lin(x / x.square().mean(-1, keepdim=True).sqrt())
+    want = float(inner.square().mean(-1).sqrt().min())  # the second one's smallest row RMS
+    assert 0.4 < want < 0.6
+    assert list(got.values()) == pytest.approx([1.0, want], rel=1e-6)
+    assert net.sensitivity == pytest.approx(0.5 / want)
+    with pytest.raises(ValueError, match="no RMSDivide"):
+        calibrate_(mn.Linear(8, 4), x)
+    with pytest.raises(TypeError, match="modnorm Module"):
+        calibrate_(torch.nn.Linear(8, 4), x)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("model", ["resmlp", "gpt"])
+def test_calibrated_residual_streams_no_longer_break_the_bound(model: str) -> None:
+    # The nominal ν = 1 of an RMSDivide that reads a shrunken stream is what breaks the
+    # per-atom bound; declaring the measured RMS removes every violation.
+    if model == "resmlp":
+        net, x = mn.ResMLP(16, 10, 32, num_blocks=4), unit(64, 16)
+    else:
+        net, x = mn.GPT(23, 12, 32, num_heads=4, num_blocks=2), torch.randint(0, 23, (4, 12))
+    gen = torch.Generator().manual_seed(0)
+    nominal = well_normed(net, x, kind="aligned", generator=gen)
+    assert nominal.violations and any("RMSDivide" in n for n in nominal.notes)
+    calibrate_(net, x)
+    calibrated = well_normed(net, x, kind="aligned", generator=torch.Generator().manual_seed(0))
+    assert not any("RMSDivide" in n for n in calibrated.notes)
+    if model == "resmlp":
+        assert not calibrated.violations, calibrated.table()
+    else:  # nominal: 2× and more; what is left comes from GELU, whose ν is typical (≤ 1.60×)
+        assert max(r.ratio for r in nominal.rows) > 2
+        assert max(r.ratio for r in calibrated.rows) < 1.6, calibrated.table()
+        assert "network" not in calibrated.violations
+        assert all("Linear(32, 128)" in v for v in calibrated.violations)  # the GELU's input
+
+
 def test_gelu_mlp_input_sensitivity_exceeds_its_typical_nu() -> None:
     net, x = mn.MLP(16, 10, 32, depth=3, activation="gelu"), unit(32, 16)
     report = well_normed(net, x, kind="aligned")
@@ -331,10 +374,17 @@ def test_check_command_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert cli.main([*argv, *stable, "--out", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "2‖g‖_*/S" in out and "modnorm-adam: best lr" in out
+    deeper = [*argv, "--depth", "4", "--width", "32", "--kind", "aligned", "--unit-inputs"]
+    assert cli.main([*deeper, "--out", str(tmp_path / "d")]) == 0
+    assert "BREAKS" in capsys.readouterr().out  # the residual stream's 1/rms gain
+    assert cli.main([*deeper, "--calibrate", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated 4 RMSDivide bonds" in out and "verdict: within the bound" in out
     for bad, message in [
         (["--values", "8,16"], "--values needs --scale"),
         (["--scale", "depth"], "--scale needs --values"),
         (["--alignment", "--stable-step"], "choose one of"),
+        (["--alignment", "--calibrate"], "--calibrate applies to the well-normed check"),
         (["--stable-step"], "ScaledReLU at .* is not smooth"),
     ]:
         assert cli.main([*argv, "--model", "mlp", *bad]) == 2

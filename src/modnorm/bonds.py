@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modnorm.modules import Bond, Compose, Module, Sharpness, Spec
+from modnorm.modules import Bond, Compose, Module, Sharpness, Spec, _bump_mass_version
 
 # max |GELU''(x)| = 2·φ(0), at x = 0.
 _GELU_MAX_CURVATURE = 2 / math.sqrt(2 * math.pi)
@@ -172,17 +172,36 @@ class MeanSubtract(Bond):
 
 
 class RMSDivide(Bond):
-    """``x / rms(x)`` over ``dim``. ν = 1 and sharpness ``(0, 0, 3)`` for inputs of unit RMS
-    (both scale as ``1/rms(x)`` and ``1/rms(x)²`` for other inputs)."""
+    """``x / rms(x)`` over ``dim``. For inputs of RMS at least ``input_rms`` (default 1):
+    ν = ``1/input_rms`` and sharpness ``(0, 0, 3/input_rms²)``. A residual stream has RMS
+    below 1; `modnorm.diagnostics.calibrate_` sets ``input_rms`` from a forward pass."""
 
-    def __init__(self, dim: int | tuple[int, ...] = -1, eps: float = 1e-12) -> None:
+    def __init__(
+        self, dim: int | tuple[int, ...] = -1, eps: float = 1e-12, input_rms: float = 1.0
+    ) -> None:
         super().__init__()
         self.dim = _dims(dim)
         self.eps = eps
+        self.input_rms = input_rms
+
+    @property
+    def input_rms(self) -> float:
+        return self._input_rms
+
+    @input_rms.setter
+    def input_rms(self, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"input_rms must be finite and positive, got {value}")
+        self._input_rms = float(value)
+        _bump_mass_version()  # the shares depend on every sensitivity
+
+    @property
+    def sensitivity(self) -> float:
+        return 1.0 / self._input_rms
 
     @property
     def sharpness(self) -> Sharpness | None:
-        return (0.0, 0.0, 3.0)
+        return (0.0, 0.0, 3.0 / self._input_rms**2)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.rsqrt(x.square().mean(dim=self.dim, keepdim=True) + self.eps)

@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rescale each input to unit RMS (worst row), the theory's assumption",
     )
+    ck.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first declare each RMSDivide's input RMS on the batch (diagnostics.calibrate_)",
+    )
     ck.add_argument("--sharpness", action="store_true", help="also certify the loss's curvature")
     ck.add_argument("--loss", default="cross_entropy", choices=("cross_entropy", "mse"))
     ck.add_argument("--seed", type=int, default=0)
@@ -385,11 +390,13 @@ def _check(args: argparse.Namespace) -> int:
     import torch
 
     from modnorm.data import load
-    from modnorm.diagnostics import rows, sharpness_check, well_normed
+    from modnorm.diagnostics import calibrate_, rows, sharpness_check, well_normed
 
     modes = [args.scale is not None, args.alignment, args.stable_step]
     if sum(modes) > 1:
         raise ValueError("choose one of --scale, --alignment and --stable-step")
+    if args.calibrate and any(modes):
+        raise ValueError("--calibrate applies to the well-normed check, not with these modes")
     if args.values is not None and args.scale is None:
         raise ValueError("--values needs --scale width or --scale depth")
     if args.steps is not None and args.steps < 1:
@@ -419,6 +426,10 @@ def _check(args: argparse.Namespace) -> int:
     if args.unit_inputs and x.is_floating_point():
         size = rows(x).square().mean(-1).sqrt().reshape(x.shape[0], -1).amax(1)
         x = x / size.clamp_min(1e-12).reshape(-1, *([1] * (x.ndim - 1)))
+    if args.calibrate:
+        declared = calibrate_(model, x)
+        low = min(declared.values())
+        print(f"calibrated {len(declared)} RMSDivide bonds: input RMS down to {low:.3g}")
     report = well_normed(
         model,
         x,

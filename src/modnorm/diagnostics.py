@@ -13,6 +13,8 @@
   per-step change at comparable layers, modnorm against standard PyTorch with Adam
   (these two measure the module being trained, not a copy).
 * `stable_step` turns the certificate into the descent lemma's largest stable step.
+* `calibrate_` declares on each RMSDivide the input RMS it sees (ν = 1/rms), where a
+  residual stream has shrunk below unit RMS and the nominal ν = 1 breaks the bound.
 
 **Size of an output (or input) tensor.** The RMS over the feature dimension, worst row:
 ``‖y‖ = max_r ‖y_r‖₂/√d`` where the rows ``r`` are every index but the features — the last
@@ -32,7 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -510,30 +512,17 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
                 f"inputs have RMS up to {s:.3g} (worst row): atoms are well-normed for unit "
                 "inputs, so an atom fed the input directly can move the output that much more"
             )
-    low: dict[str, float] = {}
-    hooks = []
-    for path, m in probe.net.named_modules():
-        if isinstance(m, RMSDivide):
-
-            def hook(mod: nn.Module, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
-                r = inp[0].square().mean(dim=mod.dim).sqrt()
-                low[path] = float(r.min())
-
-            hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            probe(probe.params)
-    finally:
-        for h in hooks:
-            h.remove()
-    shrunk = {p: r for p, r in low.items() if r < 1 - tol}
+    low = _rms_divide_inputs(probe.net, lambda: probe(probe.params))
+    declared = {p: cast(RMSDivide, m).input_rms for p, m in probe.net.named_modules() if p in low}
+    # a declared input RMS makes ν = 1/input_rms: below it, the gain exceeds the declared ν
+    shrunk = {p: r / declared[p] for p, r in low.items() if r < declared[p] * (1 - tol)}
     if shrunk:
         worst = min(shrunk, key=shrunk.__getitem__)
         notes.append(
-            f"{len(shrunk)} of {len(low)} RMSDivide bonds see inputs below unit RMS (down to "
-            f"{shrunk[worst]:.3g} at {worst}): there they amplify changes by 1/rms, up to "
-            f"{1 / shrunk[worst]:.3g}, above their ν = 1 (a residual stream, or an embedding "
-            "sum ½·tok + ½·pos, has RMS below 1)"
+            f"{len(shrunk)} of {len(low)} RMSDivide bonds see inputs below the RMS they declare "
+            f"(down to {shrunk[worst]:.3g} of it at {worst}): there they amplify changes up to "
+            f"{1 / shrunk[worst]:.3g}× their ν (a residual stream, or an embedding sum "
+            "½·tok + ½·pos, has RMS below 1; `calibrate_` declares the measured RMS)"
         )
     acts: dict[str, int] = {}
     for _, m in probe.net.named_modules():
@@ -546,6 +535,47 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
             f"worst-case slope is {excess:.2f}×ν, so aligned steps may exceed the bound"
         )
     return notes
+
+
+def _rms_divide_inputs(net: nn.Module, forward: Callable[[], Any]) -> dict[str, float]:
+    """The smallest row RMS that each RMSDivide of ``net`` sees during ``forward()``."""
+    low: dict[str, float] = {}
+    hooks = []
+    for path, m in net.named_modules():
+        if isinstance(m, RMSDivide):
+
+            def hook(mod: nn.Module, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
+                r = float(inp[0].detach().square().mean(dim=mod.dim).sqrt().min())
+                low[path] = min(r, low.get(path, math.inf))
+
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return low
+
+
+def calibrate_(module: Module, x: Tensor) -> dict[str, float]:
+    """Declare, on each RMSDivide (and LayerNorm) of ``module``, the smallest input RMS it sees
+    on the batch ``x``, capped at 1: its ν becomes ``1/rms``. A residual stream
+    ``(1−1/L)·x + (1/L)·block(x)`` shrinks below unit RMS, where an RMSDivide amplifies
+    changes by more than its nominal ν = 1 and aligned updates break the well-normed bound
+    (docs/diagnostics.md). The forward pass is unchanged (RMSDivide is scale-invariant); the
+    atoms before a calibrated RMSDivide get smaller shares of each update. Returns each
+    RMSDivide's path with the ``input_rms`` set. In place, like ``project_``."""
+    if not isinstance(module, Module):
+        raise TypeError(f"calibrate_ needs a modnorm Module, got {type(module).__name__}")
+    low = _rms_divide_inputs(module, lambda: module(x))
+    if not low:
+        raise ValueError(f"{module._name()} has no RMSDivide to calibrate")
+    set_to: dict[str, float] = {}
+    for path, m in module.named_modules():
+        if path in low:
+            cast(RMSDivide, m).input_rms = set_to[path] = min(1.0, max(low[path], 1e-6))
+    return set_to
 
 
 # ---- sharpness certificate -------------------------------------------------------------------

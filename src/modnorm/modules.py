@@ -31,7 +31,8 @@ Sharpness = tuple[float, float, float]
 # `Attention @ Mul(1/3)` that has not yet been given its tuple.
 Spec = tuple[int | None, ...] | None
 
-_mass_version = itertools.count()  # bumped whenever a mass changes: invalidates share caches
+# bumped whenever a mass or a declared sensitivity changes: invalidates share caches
+_mass_version = itertools.count()
 _current_mass_version = [0]
 
 
