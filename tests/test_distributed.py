@@ -299,6 +299,29 @@ def reference() -> dict[str, list[torch.Tensor]]:
 # ---- the tests -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_atoms_are_split_across_ranks_by_cost(world: int) -> None:
+    from modnorm.distributed import _cost, _owners
+
+    gpt = mn.GPT(65, 16, 64, num_heads=4, num_blocks=3)  # 4d×d MLPs and a vocab×d head
+    shares = gpt.atom_shares()
+    owners = _owners(gpt, world)
+    assert set(owners) == {i for i, (_, s) in enumerate(shares) if s > 0}
+    assert set(owners.values()) == set(range(world))
+    cost = [_cost(atom) for atom, _ in shares]
+    assert cost[-1] == 65 * 64 * 64  # the head: Newton–Schulz on a 65 × 64 matrix
+    assert cost[0] == 65 * 64  # an embedding: row normalization
+    load = [sum(cost[i] for i, r in owners.items() if r == k) for k in range(world)]
+    round_robin = [
+        sum(cost[i] for n, i in enumerate(owners) if n % world == k) for k in range(world)
+    ]
+    # greedy, largest first: within the largest atom of a perfect split, and never worse
+    # than the round-robin it replaced
+    assert max(load) <= sum(cost) / world + max(cost)
+    assert max(load) <= max(round_robin)
+    assert owners == _owners(gpt, world)  # deterministic: every rank computes the same
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_two_processes_match_one_process_on_the_combined_batch(

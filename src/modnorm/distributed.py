@@ -6,9 +6,9 @@ after DDP's all-reduce, the same gradient, so each computes the same norm and up
 Under FSDP2 (``fully_shard``) a parameter is a DTensor of which each rank holds a slice, but
 the norm of an atom is global: the spectral norm of a sharded matrix is not the largest of its
 slices' norms. So :meth:`modnorm.Module.norm`, ``normalize`` and ``dualize`` send DTensors
-here, and the atoms are split across ranks, round-robin (as scalable Muon implementations
-split their matrices): atom ``i``, counting atoms of positive share, belongs to rank
-``i mod world_size``, which gathers its full tensor and runs the single-process code on it.
+here, and the atoms are split across ranks (as scalable Muon implementations split their
+matrices), balanced by the cost of their dual maps: each atom of positive share belongs to
+one rank, which gathers its full tensor and runs the single-process code on it.
 
 * **norm / normalize**: the owner computes the atom's norm (batched, warm-started Lanczos);
   one all-reduce shares the norms, and each rank scales its own slices.
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from modnorm.modules import Module
+    from modnorm.modules import Atom, Module
 
 __all__ = [
     "any_sharded",
@@ -128,10 +128,32 @@ def global_sums(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _owners(module: Module, world: int) -> dict[int, int]:
-    """Atom index → the rank that computes its norm and dual map: round-robin over the atoms
-    of positive share (mass-0 atoms never move, so nothing is computed for them)."""
-    live = [i for i, (_, share) in enumerate(module.atom_shares()) if share > 0]
-    return {i: k % world for k, i in enumerate(live)}
+    """Atom index → the rank that computes its norm and dual map, for the atoms of positive
+    share (mass-0 atoms never move, so nothing is computed for them). Balanced by cost:
+    largest first, each to the least loaded rank (ties: the lower rank), so that a GPT's
+    ``4d × d`` MLP matrices and its ``vocab × d`` head do not pile up on one rank. The same
+    on every rank: it depends only on the shapes."""
+    shares = module.atom_shares()
+    live = [i for i, (_, share) in enumerate(shares) if share > 0]
+    load = [0] * world
+    owners: dict[int, int] = {}
+    for i in sorted(live, key=lambda i: -_cost(shares[i][0])):  # stable: ties keep tree order
+        owners[i] = min(range(world), key=load.__getitem__)
+        load[owners[i]] += _cost(shares[i][0])
+    return dict(sorted(owners.items()))
+
+
+def _cost(atom: Atom) -> int:
+    """Multiply-adds of the atom's dual map, roughly: Newton–Schulz on the ``out × in``
+    matrices of a Linear or Conv2d costs ``size·min(out, in)``; anything else (row
+    normalization) its size. From the global shapes only: no tensor is touched."""
+    from modnorm.atoms import _MatrixAtom
+
+    size = sum(p.numel() for p in atom.parameters())
+    if isinstance(atom, _MatrixAtom):
+        out, inp = atom.weight.shape[:2]
+        return size * min(out, inp)
+    return size
 
 
 def _gathered(
