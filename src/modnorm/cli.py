@@ -113,7 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--out", required=True, help="output directory for checkpoint.pt and train.json"
     )
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoint.pt (OUT/checkpoint/ with --strategy fsdp)",
+    )
+    tr.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=ex.STRATEGIES,
+        help="under torchrun: replicate the model (ddp) or shard it with FSDP2 (fsdp)",
+    )
     tr.add_argument(
         "--stop-after",
         type=int,
@@ -354,6 +364,7 @@ def _train(args: argparse.Namespace) -> int:
             device=device,
             progress=not args.no_progress,
             stop_after=args.stop_after,
+            strategy=args.strategy,
         )
     finally:
         if dist.is_initialized():

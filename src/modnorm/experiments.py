@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,11 @@ from torch import Tensor, nn
 from modnorm import baselines, compounds
 from modnorm import optim as mn_optim
 from modnorm.data import Dataset
+from modnorm.modules import Module
 
 MODELS = ("mlp", "resmlp", "rescnn", "gpt")
 OPTIMIZERS = ("modnorm-adam", "modnorm-sgd", "modnorm-dual", "adam", "sgd")
+STRATEGIES = ("ddp", "fsdp")  # how `train` splits a run over the ranks of a process group
 SCALES = ("width", "depth")
 SCHEMA = 1
 
@@ -516,6 +518,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     stop_after: int | None = None,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     """Train, evaluating every ``eval_every`` steps and saving ``checkpoint.pt`` (atomically)
     every ``checkpoint_every`` steps and at the end. ``resume=True`` continues from the
@@ -526,20 +529,38 @@ def train(
     is wrapped in DistributedDataParallel, each rank draws its own ``batch_size`` examples per
     step (its data stream seeded by its rank), the logged loss is the mean over the ranks, and
     rank 0 alone evaluates, logs and writes. The checkpoint holds every rank's data stream, so
-    it resumes on as many ranks as saved it."""
+    it resumes on as many ranks as saved it. ``strategy="fsdp"`` shards the model with FSDP2
+    instead (``fully_shard`` on every atom, then on the model; modnorm optimizers only): every
+    rank evaluates (a forward pass is a collective), and the checkpoint is the directory
+    ``checkpoint`` written by every rank (`modnorm.distributed.save_checkpoint`)."""
     from tqdm.auto import tqdm
+
+    from modnorm.distributed import load_checkpoint, save_checkpoint
 
     sweep = cfg.sweep_config()
     sweep.validate()
     world, rank = _world()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
+    fsdp = strategy == "fsdp"
+    if fsdp and world == 1:
+        raise ValueError("strategy 'fsdp' shards over several processes: launch with torchrun")
+    if fsdp and not cfg.optimizer.startswith("modnorm"):
+        raise ValueError(f"strategy 'fsdp' needs a modnorm optimizer, got {cfg.optimizer!r}")
     out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / ("checkpoint" if fsdp else "checkpoint.pt")
     if not resume and ckpt_path.exists():  # before any collective: every rank sees it
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
     torch.manual_seed(cfg.seed)
     net = build_model(sweep, cfg.optimizer, cfg.width, cfg.depth, data).to(device)
     model = net
-    if world > 1:
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for atom, _ in cast(Module, net).atom_shares():  # one unit per weight matrix
+            fully_shard(atom)
+        fully_shard(net)
+    elif world > 1:
         ids = [torch.device(device)] if device.startswith("cuda") else None
         model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
     opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
@@ -552,7 +573,10 @@ def train(
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        if fsdp:  # every rank loads its slices; the rest was saved as rank 0 held it
+            ckpt = load_checkpoint(ckpt_path, opt)
+        else:
+            ckpt = torch.load(ckpt_path, weights_only=False)
         if ckpt["config"] != asdict(cfg):
             raise ValueError(f"{ckpt_path} was made with a different configuration; not resuming")
         streams = ckpt.get("streams", [(ckpt["generator"], ckpt["torch_rng"])])
@@ -562,8 +586,9 @@ def train(
                 "each process draws its own batches, so the data streams cannot continue "
                 f"exactly; resume with {len(streams)} process(es)"
             )
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        if not fsdp:
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         gen.set_state(streams[rank][0])
         torch.set_rng_state(streams[rank][1])
@@ -574,19 +599,22 @@ def train(
 
     def save(step: int) -> None:
         streams = _gather_objects((gen.get_state(), torch.get_rng_state()), world)
-        if rank != 0:
-            return
         state = {
             "config": asdict(cfg),
             "step": step,
-            "model": net.state_dict(),
-            "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "generator": streams[0][0],
             "torch_rng": streams[0][1],
             "streams": streams,
             "history": history,
         }
+        if fsdp:
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt_path, opt, extra=state)  # a collective, atomic
+            return
+        if rank != 0:
+            return
+        state.update(model=net.state_dict(), optimizer=opt.state_dict())
         out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out, prefix="checkpoint", suffix=".tmp")
         os.close(fd)
@@ -611,7 +639,7 @@ def train(
         opt.step()
         sched.step()
         history["train"].append(mean.item())
-        if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        if (rank == 0 or fsdp) and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             val, acc = evaluate(net, data, sweep, device)
             history["val"].append({"step": step + 1, "loss": val, "accuracy": acc})
             bar.set_postfix(train=f"{mean.item():.3f}", val=f"{val:.3f}")
