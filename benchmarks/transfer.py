@@ -6,6 +6,7 @@ u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr
     python -m benchmarks.transfer --suite models    # ResCNN and GPT width, 1 seed
     python -m benchmarks.transfer --suite full      # the published grid (resumable)
     python -m benchmarks.transfer --suite quick --table   # print the tables of saved results
+    python -m benchmarks.transfer --refresh-docs    # docs/transfer.md's tables from the JSON
 
 Each sweep is a ``modnorm.experiments.run_sweep`` whose methods are built by
 ``benchmarks.peers``; it writes ``OUT/<sweep>/results.json`` (runs, summary, skipped methods,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +36,7 @@ from modnorm.plots import draw_curves, draw_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+DOCS_PAGE = ROOT / "docs" / "transfer.md"  # the results page of the documentation site
 NOISE = 1.0  # fresh input noise on digits, so the loss is not memorized (DESIGN §3)
 
 
@@ -298,8 +301,10 @@ def load_suite(out: Path) -> list[dict[str, Any]]:
 
 
 def report(results: Sequence[dict[str, Any]]) -> str:
-    parts = []
+    parts: list[str] = []
     for r in results:
+        if parts:
+            parts.append("")  # a blank line ends the previous table
         parts.append(f"### {r['sweep']}\n\n{describe(r)}\n")
         parts.append(_markdown(METHOD_HEADER, method_rows(r)))
         if r.get("skipped"):
@@ -308,6 +313,22 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             )
     parts.append("\n### summary\n\n" + _markdown(SUMMARY_HEADER, summary_rows(results)))
     return "\n".join(parts)
+
+
+_BLOCK = re.compile(r"(<!-- results: (\S+) -->\n)(.*?)(<!-- end results -->)", re.S)
+
+
+def refresh_page(text: str) -> str:
+    """``text`` with every block between ``<!-- results: DIR -->`` and ``<!-- end results -->``
+    replaced by the report of the results saved under ``DIR`` (relative to the repository)."""
+
+    def fill(m: re.Match[str]) -> str:
+        results = load_suite(ROOT / m.group(2))
+        if not results:
+            raise FileNotFoundError(f"no results under {m.group(2)}")
+        return f"{m.group(1)}\n{report(results)}\n\n{m.group(4)}"
+
+    return _BLOCK.sub(fill, text)
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -323,7 +344,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--refresh-docs",
+        action="store_true",
+        help=f"rewrite the result tables of {DOCS_PAGE.relative_to(ROOT)} from the saved JSON",
+    )
     args = p.parse_args(argv)
+    if args.refresh_docs:
+        DOCS_PAGE.write_text(refresh_page(DOCS_PAGE.read_text()))
+        print(f"wrote {DOCS_PAGE}")
+        return
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / "transfer" / args.suite
     if not args.table:
         # One thread: on a shared 2-core machine, two threads that wait on each other are

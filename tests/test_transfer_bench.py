@@ -202,3 +202,17 @@ def test_committed_summaries_are_those_of_their_runs() -> None:
         for r in tr.load_suite(out):
             fresh = ex.summarize(r["runs"], r["config"]["scale"])
             assert json.loads(json.dumps(fresh)) == r["summary"], r["sweep"]
+
+
+def test_the_docs_results_page_is_generated_from_the_committed_json(tmp_path: Path) -> None:
+    text = tr.DOCS_PAGE.read_text()
+    assert text == tr.refresh_page(text), "run: python -m benchmarks.transfer --refresh-docs"
+    blocks = re.findall(r"<!-- results: (\S+) -->", text)
+    assert "benchmarks/results/transfer/quick" in blocks and len(blocks) >= 4
+    stale = text.replace(
+        "| modnorm-adam | 2^-1, 2^-1 | 0.0 |", "| modnorm-adam | 2^-2, 2^-1 | 0.5 |"
+    )
+    assert stale != text and tr.refresh_page(stale) == text  # a hand edit does not survive
+    missing = "<!-- results: benchmarks/results/none -->\n<!-- end results -->"
+    with pytest.raises(FileNotFoundError, match="no results under benchmarks/results/none"):
+        tr.refresh_page(missing)
