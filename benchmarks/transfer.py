@@ -2,6 +2,7 @@
 u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr grid.
 
     python -m benchmarks.transfer --suite quick     # ResMLP width and depth, 1 seed
+    python -m benchmarks.transfer --suite quick3    # the same, 3 seeds
     python -m benchmarks.transfer --suite wide      # ResMLP width 32 and 1024, 1 seed
     python -m benchmarks.transfer --suite models    # ResCNN and GPT width, 1 seed
     python -m benchmarks.transfer --suite full      # the published grid (resumable)
@@ -108,6 +109,8 @@ def _gpt(widths: list[int], lrs: str) -> Sweep:
 SUITES: dict[str, list[Sweep]] = {
     # Smoke-level: 8× width and 16× depth, one seed.
     "quick": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=1),
+    # The quick suite over three seeds (seed 0's runs are the quick suite's).
+    "quick3": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=3),
     # The 32× width of issue #6's target at the quick suite's grid and budget, one seed.
     "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1)[:1],
     # The other two models at 4× width, the quick suite's grid, one seed.

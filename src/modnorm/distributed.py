@@ -231,9 +231,9 @@ def _local(t: Tensor) -> Tensor:
 def dualize(
     module: Module, tensors: Sequence[Tensor], target: float, method: str, precision: str
 ) -> list[Tensor]:
-    """:meth:`Module.dualize` of sharded tensors, each matrix on one rank: atom ``i``
-    (counting atoms of positive share) is gathered to rank ``i mod world_size``, dualized
-    there (batched by shape with the rank's other atoms), and scattered back in slices."""
+    """:meth:`Module.dualize` of sharded tensors, each matrix on one rank: each atom of
+    positive share is gathered to its owner (`_owners`), dualized there (batched by shape with
+    the owner's other atoms), and scattered back in slices."""
     from modnorm.modules import _atom_duals, _check_target
 
     target = _check_target(target)
