@@ -565,7 +565,9 @@ def calibrate_(module: Module, x: Tensor) -> dict[str, float]:
     changes by more than its nominal ν = 1 and aligned updates break the well-normed bound
     (docs/diagnostics.md). The forward pass is unchanged (RMSDivide is scale-invariant); the
     atoms before a calibrated RMSDivide get smaller shares of each update. Returns each
-    RMSDivide's path with the ``input_rms`` set. In place, like ``project_``."""
+    RMSDivide's path with the ``input_rms`` set. In place, like ``project_``. Part of the
+    architecture, not of ``state_dict``: to resume, calibrate the freshly built model on the
+    same batch (or build it with ``RMSDivide(input_rms=…)``) before loading the weights."""
     if not isinstance(module, Module):
         raise TypeError(f"calibrate_ needs a modnorm Module, got {type(module).__name__}")
     low = _rms_divide_inputs(module, lambda: module(x))
