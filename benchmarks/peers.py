@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from modnorm import experiments as ex
+from modnorm import optim as mn_optim
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -99,6 +100,14 @@ def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
         return model, [ex.build_optimizer(name, model, lr)]
 
     return build
+
+
+def modnorm_dual_mixed(
+    cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+) -> Built:
+    """modnorm-dual with Newton–Schulz in bfloat16 but for its last step (as Muon does)."""
+    model = ex.build_model(cfg, "modnorm-dual", width, depth, data).to(device)
+    return model, [mn_optim.Dual(cast(Module, model), lr, precision="mixed")]
 
 
 # ---- μP ----------------------------------------------------------------------------------------
@@ -301,6 +310,12 @@ METHODS: dict[str, Method] = {
         Method("modnorm-adam", modnorm_method("modnorm-adam"), ALL_MODELS),
         Method("modnorm-sgd", modnorm_method("modnorm-sgd"), ALL_MODELS),
         Method("modnorm-dual", modnorm_method("modnorm-dual"), ALL_MODELS),
+        Method(
+            "modnorm-dual-mixed",
+            modnorm_dual_mixed,
+            ALL_MODELS,
+            note="modnorm-dual, Newton–Schulz in bfloat16 but for its last step",
+        ),
         Method(
             "modnorm-adam-calibrated",
             modnorm_method("modnorm-adam", calibrate=True),
