@@ -152,7 +152,8 @@ def orthogonalize(
     where bfloat16 matmuls are native (CUDA, CPUs with AMX; elsewhere emulated and far
     slower), with the same spectral norm and ``⟨g, UVᵀ⟩`` within 1e-4 on full-rank input. But
     bfloat16 rounding (~4e-3) lies above the soft threshold, so a low-rank ``g`` gains
-    full-size spurious directions (a rank-1 512 × 512 matrix: 258 singular values above 0.05).
+    full-size spurious directions (a rank-1 512 × 512 matrix: about 250 singular values
+    above 0.05 besides its one).
     """
     if method not in ("newton_schulz", "svd"):
         raise ValueError(
