@@ -19,7 +19,7 @@ from modnorm import experiments as ex
 from modnorm.data import digits
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = ROOT / "benchmarks" / "results" / "transfer" / "quick"
+COMMITTED = ROOT / "benchmarks" / "results" / "transfer" / "quick3"
 
 
 @pytest.fixture(autouse=True)
