@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -161,3 +163,17 @@ def test_batched_spectral_norms_match_one_by_one() -> None:
     b = a + 1e-3 * torch.randn_like(a)
     warm, _ = spectral_norms(b, v)
     assert torch.allclose(warm, torch.linalg.matrix_norm(b, ord=2), rtol=1e-3)
+
+
+def test_mixed_precision_warns_where_bfloat16_is_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modnorm import linalg
+
+    g = torch.randn(16, 16)
+    monkeypatch.setattr(linalg, "native_bfloat16", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="bfloat16 matmuls are emulated"):
+        orthogonalize(g, precision="mixed")
+    monkeypatch.setattr(linalg, "native_bfloat16", lambda device: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        orthogonalize(g, precision="mixed")
+        orthogonalize(g, precision="full")

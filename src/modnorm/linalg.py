@@ -6,6 +6,10 @@ float64): callers up-cast bf16/fp16 so rounding does not decide a norm or a dire
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -127,6 +131,21 @@ def _top_singular(
 PRECISIONS = ("full", "mixed")
 
 
+@functools.cache
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively: CUDA with bfloat16 support,
+    or a CPU with AMX tiles that oneDNN may use. Elsewhere bfloat16 matmuls are emulated:
+    1.5× to 200× slower than float32 on this machine's CPU held to older instruction sets
+    (`ONEDNN_MAX_CPU_ISA`; docs/notes.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return (isa == "ALL" or "AMX" in isa) and bool(amx())
+    return False
+
+
 @torch.no_grad()
 def orthogonalize(
     g: Tensor,
@@ -174,6 +193,13 @@ def orthogonalize(
     else:
         # Frobenius ≥ spectral: every singular value starts in [0, 1]; zero stays zero.
         scale = x.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        if precision == "mixed" and not native_bfloat16(x.device):
+            warnings.warn(
+                f"precision='mixed' on {x.device}, where bfloat16 matmuls are emulated: "
+                "slower than precision='full' (see modnorm.linalg.native_bfloat16)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         low = torch.bfloat16 if precision == "mixed" else dtype
         x = (x / scale).to(low)
         a, b, c = _QUINTIC
