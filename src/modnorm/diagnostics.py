@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -513,9 +513,8 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
                 "inputs, so an atom fed the input directly can move the output that much more"
             )
     low = _rms_divide_inputs(probe.net, lambda: probe(probe.params))
-    declared = {p: cast(RMSDivide, m).input_rms for p, m in probe.net.named_modules() if p in low}
     # a declared input RMS makes ν = 1/input_rms: below it, the gain exceeds the declared ν
-    shrunk = {p: r / declared[p] for p, r in low.items() if r < declared[p] * (1 - tol)}
+    shrunk = {p: r / m.input_rms for p, (m, r) in low.items() if r < m.input_rms * (1 - tol)}
     if shrunk:
         worst = min(shrunk, key=shrunk.__getitem__)
         notes.append(
@@ -537,16 +536,19 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
     return notes
 
 
-def _rms_divide_inputs(net: nn.Module, forward: Callable[[], Any]) -> dict[str, float]:
-    """The smallest row RMS that each RMSDivide of ``net`` sees during ``forward()``."""
-    low: dict[str, float] = {}
+def _rms_divide_inputs(
+    net: nn.Module, forward: Callable[[], Any]
+) -> dict[str, tuple[RMSDivide, float]]:
+    """Each RMSDivide of ``net`` (by path) with the smallest row RMS it sees during
+    ``forward()``."""
+    low: dict[str, tuple[RMSDivide, float]] = {}
     hooks = []
     for path, m in net.named_modules():
         if isinstance(m, RMSDivide):
 
-            def hook(mod: nn.Module, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
+            def hook(mod: RMSDivide, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
                 r = float(inp[0].detach().square().mean(dim=mod.dim).sqrt().min())
-                low[path] = min(r, low.get(path, math.inf))
+                low[path] = (mod, min(r, low.get(path, (mod, math.inf))[1]))
 
             hooks.append(m.register_forward_hook(hook))
     try:
@@ -574,9 +576,8 @@ def calibrate_(module: Module, x: Tensor) -> dict[str, float]:
     if not low:
         raise ValueError(f"{module._name()} has no RMSDivide to calibrate")
     set_to: dict[str, float] = {}
-    for path, m in module.named_modules():
-        if path in low:
-            cast(RMSDivide, m).input_rms = set_to[path] = min(1.0, max(low[path], 1e-6))
+    for path, (m, r) in low.items():
+        m.input_rms = set_to[path] = min(1.0, max(r, 1e-6))
     return set_to
 
 
