@@ -608,14 +608,13 @@ def train(
             "streams": streams,
             "history": history,
         }
+        out.mkdir(parents=True, exist_ok=True)
         if fsdp:
-            out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt_path, opt, extra=state)  # a collective, atomic
             return
         if rank != 0:
             return
         state.update(model=net.state_dict(), optimizer=opt.state_dict())
-        out.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out, prefix="checkpoint", suffix=".tmp")
         os.close(fd)
         try:
