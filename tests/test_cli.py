@@ -50,6 +50,7 @@ def test_sweep_writes_results_plot_and_resumes(
             "lr",
             "width",
         } <= set(r)
+        assert r["device"] == "cpu"
     assert set(res["summary"]) == {"modnorm-adam", "adam"}
     assert set(res["summary"]["adam"]) >= {
         "best_lr",

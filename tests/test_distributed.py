@@ -521,9 +521,12 @@ def test_a_save_interrupted_between_its_renames_loads_the_previous_checkpoint(
 # ---- `modnorm train` under torchrun ----------------------------------------------------------
 
 
-def _torchrun(args: list[str], cwd: Path, nproc: int = WORLD) -> subprocess.CompletedProcess[str]:
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    command = [sys.executable, *(launch if nproc > 1 else []), "-m", "modnorm.cli", *args]
+def _torchrun(
+    args: list[str], cwd: Path, nproc: int = WORLD, launch: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``modnorm`` under torchrun with ``nproc`` processes; ``launch=False``: without it."""
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    command = [sys.executable, *(torchrun if launch else []), "-m", "modnorm.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -557,7 +560,11 @@ def test_modnorm_train_under_torchrun_runs_checkpoints_and_resumes_exactly(
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
 
     runs = [json.loads((tmp_path / d / "train.json").read_text()) for d in ("whole", "split")]
-    assert runs[0]["world_size"] == 2 and len(runs[0]["train_curve"]) == 6
+    assert (
+        runs[0]["world_size"] == 2
+        and runs[0]["device"] == "cpu"
+        and len(runs[0]["train_curve"]) == 6
+    )
     assert runs[1]["train_curve"] == pytest.approx(runs[0]["train_curve"], rel=1e-6, abs=0)
     assert [v["step"] for v in runs[1]["val"]] == [3, 6]
 
@@ -568,7 +575,7 @@ def test_modnorm_train_under_torchrun_runs_checkpoints_and_resumes_exactly(
     assert abs(one["train_curve"][0] - runs[0]["train_curve"][0]) > 1e-4
 
     # The checkpoint holds two data streams: one process cannot continue it exactly.
-    single = _torchrun([*args, "--out", "whole", "--resume"], tmp_path, nproc=1)
+    single = _torchrun([*args, "--out", "whole", "--resume"], tmp_path, launch=False)
     assert single.returncode == 2
     assert "saved by 2 process(es) and this run has 1" in single.stderr
 
@@ -607,5 +614,10 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     torch_adam = _torchrun([*fsdp, "--optimizer", "adam", "--out", "adam"], tmp_path)
     # each rank exits with 2 (a ValueError); torchrun itself reports 1
     assert torch_adam.returncode != 0 and "needs a modnorm optimizer" in torch_adam.stderr
-    alone = _torchrun([*fsdp, "--out", "alone"], tmp_path, nproc=1)
+    alone = _torchrun([*fsdp, "--out", "alone"], tmp_path, launch=False)
     assert alone.returncode == 2 and "launch with torchrun" in alone.stderr
+    # one process under torchrun is a process group of one: FSDP runs there (one GPU, say)
+    one = _torchrun([*fsdp, "--out", "one"], tmp_path, nproc=1)
+    assert one.returncode == 0, one.stderr
+    assert json.loads((tmp_path / "one" / "train.json").read_text())["world_size"] == 1
+    assert (tmp_path / "one" / "checkpoint").is_dir()

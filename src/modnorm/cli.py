@@ -351,8 +351,8 @@ def _train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _setup()
     data = load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
-    # Under torchrun (WORLD_SIZE > 1): join the process group; ex.train then wraps the model
-    # in DDP, gives each rank its own batches, and logs and writes from rank 0 only.
+    # Under torchrun: join the process group; ex.train then wraps the model in DDP (or shards
+    # it), gives each rank its own batches, and logs and writes from rank 0 only.
     device = init_from_env(device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
@@ -374,7 +374,8 @@ def _train(args: argparse.Namespace) -> int:
     last = res["val"][-1] if res["val"] else {}
     print(f"train loss {res['train_loss']:.4f} (mean of the last 10% of steps)", end="")
     print(f", validation loss {last['loss']:.4f}" if last else "")
-    print(f"wrote {Path(args.out) / 'train.json'} and {Path(args.out) / 'checkpoint.pt'}")
+    ckpt = Path(args.out) / ("checkpoint" if args.strategy == "fsdp" else "checkpoint.pt")
+    print(f"wrote {Path(args.out) / 'train.json'} and {ckpt}")
     return 0
 
 

@@ -584,10 +584,11 @@ def _barrier(distributed: bool) -> None:
 
 def init_from_env(device: str = "cpu") -> str:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``,
-    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), if it launched several processes:
-    NCCL with one GPU per process (``cuda:LOCAL_RANK``) when ``device`` is CUDA, gloo
-    otherwise. Returns the device this process uses; one process: ``device`` unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), if it launched this process (one
+    process too: FSDP shards over a group of one): NCCL with one GPU per process
+    (``cuda:LOCAL_RANK``) when ``device`` is CUDA, gloo otherwise. Returns the device this
+    process uses; without torchrun, ``device`` unchanged."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
         return device
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

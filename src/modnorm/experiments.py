@@ -257,6 +257,7 @@ def train_one(
         "steps_done": len(losses),
         "train_loss": math.inf if diverged else sum(tail) / len(tail),
         "wall_time": wall,
+        "device": device_name(device),  # wall times compare only on one kind of machine
         "curve": _downsample(losses, 100),
     }
     if diverged:
@@ -360,6 +361,14 @@ def summarize(runs: Sequence[dict[str, Any]], scale: str, floor: float = 0.05) -
             "wall_time": sum(r["wall_time"] for r in mine),
         }
     return out
+
+
+def device_name(device: str) -> str:
+    """What ran a job, for its results: ``"cpu"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(dev)})"
+    return dev.type
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -543,8 +552,8 @@ def train(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
     fsdp = strategy == "fsdp"
-    if fsdp and world == 1:
-        raise ValueError("strategy 'fsdp' shards over several processes: launch with torchrun")
+    if fsdp and not torch.distributed.is_initialized():  # one process under torchrun is fine
+        raise ValueError("strategy 'fsdp' shards over a process group: launch with torchrun")
     if fsdp and not cfg.optimizer.startswith("modnorm"):
         raise ValueError(f"strategy 'fsdp' needs a modnorm optimizer, got {cfg.optimizer!r}")
     out = Path(out_dir)
@@ -648,6 +657,7 @@ def train(
     summary = {
         "config": asdict(cfg),
         "world_size": world,
+        "device": device_name(device),
         "steps_done": len(history["train"]),
         "train_loss": sum(tail) / max(1, len(tail)),
         "val": history["val"],
