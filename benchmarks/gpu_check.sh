@@ -5,9 +5,10 @@
 # mixed-precision dualization (issue #4), and `modnorm train --strategy ddp|fsdp` under
 # torchrun with NCCL against the single-process run (issue #8).
 #
-# Each step has its own time limit (STEP_LIMIT seconds, default 150) and reports PASS, FAIL
-# or TIMEOUT with its wall time in $OUT/summary.txt, so one step that hangs (a collective
-# that never completes, say) costs its limit and not the whole lease. It runs from a source
+# Each step has its own time limit (STEP_LIMIT seconds, default 150, and never past
+# TOTAL_LIMIT seconds from the start, default 480) and reports PASS, FAIL, TIMEOUT or SKIPPED
+# with its wall time in $OUT/summary.txt, so one step that hangs (a collective that never
+# completes, say) costs its limit and not the whole lease. It runs from a source
 # checkout without installing anything (PYTHONPATH=src) where modnorm is not installed.
 #
 #   OUT=gpu-check bash benchmarks/gpu_check.sh
@@ -16,6 +17,8 @@ set -uo pipefail
 OUT=${OUT:-gpu-check}
 DEVICE=${DEVICE:-cuda}
 STEP_LIMIT=${STEP_LIMIT:-150}
+TOTAL_LIMIT=${TOTAL_LIMIT:-480}
+deadline=$(($(date +%s) + TOTAL_LIMIT))
 PY=${PY:-$(command -v python || command -v python3)}
 TEXT=${TEXT:-../shared/data/shakespeare.txt}
 mkdir -p "$OUT"
@@ -28,13 +31,19 @@ export PYTHONUNBUFFERED=1
 
 failed=0
 step() {  # step NAME COMMAND...: run it under the time limit, log it, record the verdict
-    local name=$1 start rc verdict
+    local name=$1 start rc verdict limit
     shift
     start=$(date +%s)
+    limit=$((deadline - start < STEP_LIMIT ? deadline - start : STEP_LIMIT))
     echo "== $name" | tee -a "$OUT/log.txt"
-    timeout -k 10 "$STEP_LIMIT" "$@" >>"$OUT/log.txt" 2>&1
-    rc=$?
+    if [ "$limit" -le 0 ]; then
+        rc=-1
+    else
+        timeout -k 10 "$limit" "$@" >>"$OUT/log.txt" 2>&1
+        rc=$?
+    fi
     case $rc in
+        -1) verdict=SKIPPED ;;
         0) verdict=PASS ;;
         124 | 137) verdict=TIMEOUT ;;
         *) verdict="FAIL (rc $rc)" ;;
