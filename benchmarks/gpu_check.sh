@@ -12,6 +12,9 @@
 # checkout without installing anything (PYTHONPATH=src) where modnorm is not installed.
 #
 #   OUT=gpu-check bash benchmarks/gpu_check.sh
+#   # on a lent machine, whose $OUT takes back few files: work elsewhere, copy the summaries
+#   OUT=/tmp/gc TEXT=.devdata/shakespeare.txt bash benchmarks/gpu_check.sh; cp /tmp/gc/*.txt \
+#       /tmp/gc/*.json "$OUT"   # (.devdata: an ignored copy of the corpus, carried along)
 #   DEVICE=cpu OVERHEAD="--quick --widths 64" bash benchmarks/gpu_check.sh   # a dry run
 set -uo pipefail
 OUT=${OUT:-gpu-check}
