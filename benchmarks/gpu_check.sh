@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks that a CPU machine cannot run, in one short session (a lent GPU has about
 # 15 minutes): the CUDA tests, a CUDA sweep and a stopped-and-resumed CUDA training run
-# through the `modnorm` command (issue #5), the optimizer overhead on the GPU with full and
-# mixed-precision dualization (issue #4), and `modnorm train --strategy ddp|fsdp` under
+# through the `modnorm` command (issue #5), how often Lanczos should check its stopping rule
+# and the optimizer overhead on the GPU with full and mixed-precision dualization (issue #4),
+# and `modnorm train --strategy ddp|fsdp` under
 # torchrun with NCCL against the single-process run (issue #8).
 #
 # Each step has its own time limit (STEP_LIMIT seconds, default 150, and never past
@@ -85,12 +86,15 @@ step stop "${MN[@]}" "${args[@]}" --out "$OUT/split" --stop-after 50
 step resume "${MN[@]}" "${args[@]}" --out "$OUT/split" --resume
 step same "$PY" "$OUT/compare.py" "$OUT" split
 
-# 4. normalize / dualize cost on the GPU (full and mixed precision), widths 256…1024
+# 4. how often Lanczos should check its stopping rule on the GPU (each check is a sync)
+step lanczos "$PY" benchmarks/lanczos_checks.py --device "$DEVICE" --out "$OUT"
+
+# 5. normalize / dualize cost on the GPU (full and mixed precision), widths 256…1024
 # shellcheck disable=SC2086  # OVERHEAD holds several arguments
 step overhead "$PY" benchmarks/optimizer_overhead.py --devices "$DEVICE" ${OVERHEAD:-} \
     --out "$OUT"
 
-# 5. DDP and FSDP2 through NCCL (one process per GPU), against the single-process run
+# 6. DDP and FSDP2 through NCCL (one process per GPU), against the single-process run
 NPROC=${NPROC:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 for strategy in ddp fsdp; do
     step "$strategy" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" \

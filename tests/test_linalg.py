@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modnorm.linalg import orthogonalize, spectral_norm
+from modnorm import linalg
+from modnorm.linalg import orthogonalize, spectral_norm, spectral_norms
 
 
 @pytest.mark.parametrize(
@@ -177,3 +178,33 @@ def test_mixed_precision_warns_where_bfloat16_is_emulated(monkeypatch: pytest.Mo
         warnings.simplefilter("error")
         orthogonalize(g, precision="mixed")
         orthogonalize(g, precision="full")
+
+
+@pytest.mark.parametrize(
+    ("every", "max_iter", "checks"),
+    [(1, 4, 1), (1, 10, 7), (2, 4, 1), (2, 5, 2), (2, 10, 4), (2, 11, 5)],
+)
+def test_lanczos_waits_for_the_device_only_when_it_may_stop(
+    monkeypatch: pytest.MonkeyPatch, every: int, max_iter: int, checks: int
+) -> None:
+    # Each check of the stopping rule copies (α, β) to the host: on a GPU, a synchronization.
+    # They come after 4 steps, then every `every` (1 on the CPU, 2 on accelerators; the
+    # CPU's is set here to test both schedules), and after the last step.
+    monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", every)
+    copies = []
+    cpu = torch.Tensor.cpu
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        copies.append(self.shape)
+        return cpu(self, *args, **kwargs)
+
+    w = torch.randn(3, 200, 150, generator=torch.Generator().manual_seed(0))
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "cpu", counted)
+        sigma, _ = spectral_norms(w, tol=0.0, max_iter=max_iter)  # tol 0: all max_iter steps
+    assert len(copies) == checks
+    assert sum(c[0] for c in copies) == max_iter  # every step's (α, β) reached the host once
+    # what the host saw is what a check after every step would have seen: the top of the
+    # bidiagonal's spectrum grows with the steps and stays below σ₁
+    exact = torch.linalg.matrix_norm(w, ord=2)
+    assert (sigma <= exact * (1 + 1e-6)).all() and (sigma > 0.5 * exact).all()

@@ -1,0 +1,139 @@
+"""How often Lanczos checks its stopping rule: host synchronizations against extra steps.
+
+Each check of `modnorm.linalg.spectral_norms`' stopping rule copies (α, β) to the host, which
+on a GPU waits for every queued kernel. This trains a ResMLP and a GPT with `mn.optim.Adam`
+for a few steps under several check intervals (`linalg._CHECK_EVERY`, the entry for the
+device's kind) and reports, per
+`spectral_norms` call after the warm-up: host copies, Lanczos steps, the worst relative error
+against an exact SVD (computed outside the timed region), and the wall time of the steps.
+
+    python benchmarks/lanczos_checks.py                 # CPU, one thread
+    python benchmarks/lanczos_checks.py --device cuda   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import modnorm as mn
+import modnorm.atoms
+import modnorm.linalg
+
+
+def problems(device: str) -> dict[str, tuple[Callable[[], mn.Module], Callable[..., Any]]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen).to(device)
+    y = torch.randint(0, 10, (256,), generator=gen).to(device)
+    tokens = torch.randint(0, 65, (8, 65), generator=gen).to(device)
+
+    def mlp_loss(net: mn.Module) -> torch.Tensor:
+        return F.cross_entropy(net(x + torch.randn_like(x)), y)  # fresh input noise
+
+    def gpt_loss(net: mn.Module) -> torch.Tensor:
+        return F.cross_entropy(net(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+    return {
+        "resmlp 512x4": (lambda: mn.ResMLP(64, 10, width=512, num_blocks=4), mlp_loss),
+        "gpt 256x2": (lambda: mn.GPT(65, 64, 256, 4, 2), gpt_loss),
+    }
+
+
+def run(name: str, every: int, device: str, steps: int, warmup: int) -> dict[str, Any]:
+    build, loss_fn = problems(device)[name]
+    torch.manual_seed(0)
+    net = build().to(device)
+    opt = mn.optim.Adam(net, lr=0.02)
+    calls: list[dict[str, Any]] = []
+    spectral_norms = modnorm.linalg.spectral_norms
+    cpu = torch.Tensor.cpu
+
+    def counted(w: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        copies: list[int] = []
+
+        def copy(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+            copies.append(self.shape[0])
+            return cpu(self, *a, **k)
+
+        torch.Tensor.cpu = copy  # type: ignore[method-assign]
+        try:
+            out = spectral_norms(w, *args, **kwargs)
+        finally:
+            torch.Tensor.cpu = cpu  # type: ignore[method-assign]
+        calls.append({"w": w, "sigma": out[0], "copies": len(copies), "steps": sum(copies)})
+        return out
+
+    kind = "cpu" if device == "cpu" else "accelerator"
+    old = modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms
+    modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms = every, counted
+    try:
+        walls = []
+        for step in range(steps):
+            if step == warmup:
+                calls.clear()
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss_fn(net).backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            walls.append(time.perf_counter() - start)
+    finally:
+        modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms = old
+    iterative = [c for c in calls if c["copies"]]  # small matrices take an exact SVD
+    errors = []
+    for c in iterative:
+        exact = torch.linalg.matrix_norm(c["w"].double(), ord=2)
+        errors.append(((c["sigma"].double() - exact).abs() / exact).max().item())
+    n = max(1, len(iterative))
+    return {
+        "model": name,
+        "check_every": every,
+        "calls": len(iterative),
+        "host_copies_per_call": sum(c["copies"] for c in iterative) / n,
+        "lanczos_steps_per_call": sum(c["steps"] for c in iterative) / n,
+        "worst_relative_error": max(errors, default=0.0),
+        "step_ms_median": 1000 * sorted(walls[warmup:])[len(walls[warmup:]) // 2],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--every", default="1,2,4", help="check intervals to compare")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [
+        run(name, int(every), args.device, args.steps, args.warmup)
+        for name in problems("cpu")
+        for every in args.every.split(",")
+    ]
+    print("| model | check every | host copies / call | Lanczos steps / call | worst rel. error "
+          "| step ms (median) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['check_every']} | {r['host_copies_per_call']:.1f} "
+            f"| {r['lanczos_steps_per_call']:.1f} | {r['worst_relative_error']:.1e} "
+            f"| {r['step_ms_median']:.1f} |"
+        )
+    tag = args.device.replace(":", "") if args.device != "cpu" else f"cpu-{args.threads}t"
+    path = args.out / f"lanczos_checks_{tag}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
