@@ -3,8 +3,8 @@
 # 15 minutes): the CUDA tests, a CUDA sweep and a stopped-and-resumed CUDA training run
 # through the `modnorm` command (issue #5), how often Lanczos should check its stopping rule
 # and the optimizer overhead on the GPU with full and mixed-precision dualization (issue #4),
-# and `modnorm train --strategy ddp|fsdp` under
-# torchrun with NCCL against the single-process run (issue #8).
+# and `modnorm train --strategy ddp|fsdp` under torchrun with NCCL against the
+# single-process run (issue #8).
 #
 # Each step has its own time limit (STEP_LIMIT seconds, default 150, and never past
 # TOTAL_LIMIT seconds from the start, default 480) and reports PASS, FAIL, TIMEOUT or SKIPPED
