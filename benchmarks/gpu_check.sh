@@ -16,7 +16,8 @@
 #   # on a lent machine, whose $OUT takes back few files: work elsewhere, copy the summaries
 #   OUT=/tmp/gc TEXT=.devdata/shakespeare.txt bash benchmarks/gpu_check.sh; cp /tmp/gc/*.txt \
 #       /tmp/gc/*.json "$OUT"   # (.devdata: an ignored copy of the corpus, carried along)
-#   DEVICE=cpu OVERHEAD="--quick --widths 64" bash benchmarks/gpu_check.sh   # a dry run
+#   DEVICE=cpu OVERHEAD="--quick --widths 64" LANCZOS="--steps 4 --warmup 2" \
+#       bash benchmarks/gpu_check.sh   # a dry run (tests/test_gpu_check.py runs one)
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 DEVICE=${DEVICE:-cuda}
@@ -87,7 +88,8 @@ step resume "${MN[@]}" "${args[@]}" --out "$OUT/split" --resume
 step same "$PY" "$OUT/compare.py" "$OUT" split
 
 # 4. how often Lanczos should check its stopping rule on the GPU (each check is a sync)
-step lanczos "$PY" benchmarks/lanczos_checks.py --device "$DEVICE" --out "$OUT"
+# shellcheck disable=SC2086  # LANCZOS and OVERHEAD hold several arguments
+step lanczos "$PY" benchmarks/lanczos_checks.py --device "$DEVICE" ${LANCZOS:-} --out "$OUT"
 
 # 5. normalize / dualize cost on the GPU (full and mixed precision), widths 256…1024
 # shellcheck disable=SC2086  # OVERHEAD holds several arguments
