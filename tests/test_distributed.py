@@ -246,7 +246,37 @@ def _checkpoints(rank: int, out_dir: Path) -> dict[str, Any]:
             "uninterrupted": uninterrupted,
             "resumed": _full(net.parameters()),
         }
+    result["async"] = _async_checkpoint(rank, out_dir / "async")
     return result
+
+
+def _async_checkpoint(rank: int, path: Path) -> dict[str, Any]:
+    """Under FSDP2: a background save, training going on while it writes, and a resume from
+    it that takes the same steps as the uninterrupted run."""
+    from modnorm.distributed import load_checkpoint, save_checkpoint_async
+
+    net = _sharded(_net())
+    opt = OPTIMIZERS["adam"](net)
+    _train(net, opt, rank, WORLD, range(RESUME))
+    pending = save_checkpoint_async(path, opt, extra={"step": RESUME})
+    saved = _state(opt)
+    _train(net, opt, rank, WORLD, range(RESUME, 2 * RESUME))  # changes what is being written
+    pending.wait()
+    pending.wait()  # idempotent
+    uninterrupted = _full(net.parameters())
+
+    net = _sharded(_net())
+    opt = OPTIMIZERS["adam"](net)
+    extra = load_checkpoint(path, opt)
+    loaded = _state(opt)
+    _train(net, opt, rank, WORLD, range(extra["step"], 2 * RESUME))
+    return {
+        "saved": saved,
+        "loaded": loaded,
+        "uninterrupted": uninterrupted,
+        "resumed": _full(net.parameters()),
+        "leftovers": sorted(p.name for p in path.parent.iterdir() if p.name != "async"),
+    }
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -416,6 +446,38 @@ def test_a_sharded_checkpoint_resumes_exactly_on_two_ranks(
         assert any(w for w in ck["saved"]["modnorm"]["warm_start"])  # warm starts were saved
         for i, (got, want) in enumerate(zip(ck["resumed"], ck["uninterrupted"], strict=True)):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"rank {rank}, param {i}")
+
+
+def test_an_asynchronous_checkpoint_holds_the_state_at_the_save_and_resumes_exactly(
+    runs: list[dict[str, Any]],
+) -> None:
+    for rank, run in enumerate(runs):
+        ck = run["checkpoints"]["async"]
+        _assert_same_state(ck["loaded"], ck["saved"])
+        for i, (got, want) in enumerate(zip(ck["resumed"], ck["uninterrupted"], strict=True)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"rank {rank}, param {i}")
+        assert not [n for n in ck["leftovers"] if n.startswith("async.")]  # renamed into place
+
+
+def test_an_asynchronous_save_on_one_process_waits_for_the_one_before(tmp_path: Path) -> None:
+    from modnorm.distributed import load_checkpoint, save_checkpoint_async
+
+    net = _net()
+    opt = OPTIMIZERS["adam"](net)
+    _train(net, opt, 0, 1, range(2))
+    first = save_checkpoint_async(tmp_path / "ck", opt, extra={"step": 2})
+    _train(net, opt, 0, 1, range(2, 3))
+    second = save_checkpoint_async(tmp_path / "ck", opt, extra={"step": 3})  # finishes first
+    assert (tmp_path / "ck").is_dir()
+    want = _full(net.parameters())
+    _train(net, opt, 0, 1, range(3, 4))
+    second.wait()
+    first.wait()  # already finished: nothing happens
+    fresh = _net()
+    assert load_checkpoint(tmp_path / "ck", OPTIMIZERS["adam"](fresh)) == {"step": 3}
+    for got, expected in zip(_full(fresh.parameters()), want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 @pytest.mark.parametrize("name", CHECKPOINTED)

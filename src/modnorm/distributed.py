@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from modnorm.modules import Atom, Module
 
 __all__ = [
+    "PendingSave",
     "any_sharded",
     "dualize",
     "gather",
@@ -56,6 +57,7 @@ __all__ = [
     "norm",
     "normalize",
     "save_checkpoint",
+    "save_checkpoint_async",
     "share_warm_starts",
 ]
 
@@ -381,27 +383,97 @@ def save_checkpoint(path: str | Path, optimizer: Any, extra: dict[str, Any] | No
     ``path.tmp``, then renamed, so a crash mid-save leaves the previous checkpoint intact."""
     import torch.distributed.checkpoint as dcp
 
-    final = Path(path)
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    state = _checkpoint_state(optimizer)  # collectives under FSDP2 (warm starts, full sizes)
-    state[_META] = _blob({**_meta(optimizer), "extra": extra or {}})
-    if rank == 0 and tmp.exists():  # left by a save that crashed
-        shutil.rmtree(tmp)
-    _barrier(distributed)
-    with _single_process(distributed):
-        dcp.save(state, checkpoint_id=tmp, no_dist=not distributed)  # .metadata comes last
-    if rank == 0:
-        # Two renames, not one (a directory cannot replace a non-empty one atomically): a
-        # crash between them leaves path.old, which load_checkpoint falls back to.
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier(distributed)
+    save = _SaveTarget(Path(path), optimizer, extra)
+    with _single_process(save.distributed):
+        dcp.save(save.state, checkpoint_id=save.tmp, no_dist=not save.distributed)
+    save.finish()
+
+
+def save_checkpoint_async(
+    path: str | Path, optimizer: Any, extra: dict[str, Any] | None = None
+) -> PendingSave:
+    """:func:`save_checkpoint` that writes in the background: the state is copied to host
+    memory before this returns, so training may go on at once; call ``wait()`` on the result
+    (every rank, like the save) to finish it. Until then the previous checkpoint at ``path``
+    is the one that loads; a new save to ``path`` waits for this one first."""
+    import torch.distributed.checkpoint as dcp
+
+    save = _SaveTarget(Path(path), optimizer, extra)
+    with _single_process(save.distributed):
+        future = dcp.async_save(
+            save.state,
+            checkpoint_id=save.tmp,
+            no_dist=not save.distributed,
+            # its own group: the background thread's collectives must not interleave with
+            # the training loop's on the default group
+            process_group=_checkpoint_group() if save.distributed else None,
+        )
+    pending = PendingSave(future, save)
+    _pending[save.final] = pending
+    return pending
+
+
+class PendingSave:
+    """A :func:`save_checkpoint_async` in progress."""
+
+    def __init__(self, future: Any, save: _SaveTarget) -> None:
+        self._future, self._save, self._done = future, save, False
+
+    def wait(self) -> None:
+        """Block until this rank's files are written, then finish the checkpoint (a collective:
+        every rank calls it). Idempotent."""
+        if self._done:
+            return
+        self._done = True
+        _pending.pop(self._save.final, None)
+        with _single_process(self._save.distributed):
+            self._future.result()  # re-raises a failed write
+        self._save.finish()
+
+
+_pending: dict[Path, PendingSave] = {}  # unfinished asynchronous saves, by final path
+_groups_for_checkpoints: dict[int, dist.ProcessGroup] = {}  # per default group
+
+
+def _checkpoint_group() -> dist.ProcessGroup:
+    """A gloo group over the default group's ranks, made once per default group."""
+    key = id(dist.group.WORLD)
+    if key not in _groups_for_checkpoints:
+        _groups_for_checkpoints.clear()
+        _groups_for_checkpoints[key] = dist.new_group(backend="gloo")
+    return _groups_for_checkpoints[key]
+
+
+class _SaveTarget:
+    """What one save writes and where: ``path.tmp`` while writing; ``finish`` renames it into
+    place."""
+
+    def __init__(self, final: Path, optimizer: Any, extra: dict[str, Any] | None) -> None:
+        if final in _pending:  # the same temporary directory: the earlier save goes first
+            _pending[final].wait()
+        self.final = final
+        self.tmp = final.with_name(final.name + ".tmp")
+        self.old = final.with_name(final.name + ".old")
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.state = _checkpoint_state(optimizer)  # collectives under FSDP2
+        self.state[_META] = _blob({**_meta(optimizer), "extra": extra or {}})
+        if self.rank == 0 and self.tmp.exists():  # left by a save that crashed
+            shutil.rmtree(self.tmp)
+        _barrier(self.distributed)
+
+    def finish(self) -> None:
+        _barrier(self.distributed)  # every rank's files are written (DCP's .metadata last)
+        if self.rank == 0:
+            # Two renames, not one (a directory cannot replace a non-empty one atomically): a
+            # crash between them leaves path.old, which load_checkpoint falls back to.
+            if self.final.exists():
+                if self.old.exists():
+                    shutil.rmtree(self.old)
+                self.final.rename(self.old)
+            self.tmp.rename(self.final)
+            shutil.rmtree(self.old, ignore_errors=True)
+        _barrier(self.distributed)
 
 
 def load_checkpoint(path: str | Path, optimizer: Any) -> dict[str, Any]:

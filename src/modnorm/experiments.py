@@ -541,10 +541,11 @@ def train(
     it resumes on as many ranks as saved it. ``strategy="fsdp"`` shards the model with FSDP2
     instead (``fully_shard`` on every atom, then on the model; modnorm optimizers only): every
     rank evaluates (a forward pass is a collective), and the checkpoint is the directory
-    ``checkpoint`` written by every rank (`modnorm.distributed.save_checkpoint`)."""
+    ``checkpoint`` written by every rank in the background while training goes on
+    (`modnorm.distributed.save_checkpoint_async`; each save finishes before the next)."""
     from tqdm.auto import tqdm
 
-    from modnorm.distributed import load_checkpoint, save_checkpoint
+    from modnorm.distributed import PendingSave, load_checkpoint, save_checkpoint_async
 
     sweep = cfg.sweep_config()
     sweep.validate()
@@ -606,6 +607,8 @@ def train(
         if rank == 0:
             log(f"resumed from {ckpt_path} at step {start}")
 
+    pending: list[PendingSave] = []  # the FSDP checkpoint being written, if any
+
     def save(step: int) -> None:
         streams = _gather_objects((gen.get_state(), torch.get_rng_state()), world)
         state = {
@@ -618,8 +621,8 @@ def train(
             "history": history,
         }
         out.mkdir(parents=True, exist_ok=True)
-        if fsdp:
-            save_checkpoint(ckpt_path, opt, extra=state)  # a collective, atomic
+        if fsdp:  # a collective, atomic; written while training goes on
+            pending[:] = [save_checkpoint_async(ckpt_path, opt, extra=state)]
             return
         if rank != 0:
             return
@@ -653,6 +656,8 @@ def train(
             bar.set_postfix(train=f"{mean.item():.3f}", val=f"{val:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             save(step + 1)
+    for save_in_progress in pending:
+        save_in_progress.wait()
     tail = history["train"][-max(1, len(history["train"]) // 10) :]
     summary = {
         "config": asdict(cfg),
