@@ -395,10 +395,18 @@ def save_checkpoint_async(
     """:func:`save_checkpoint` that writes in the background: the state is copied to host
     memory before this returns, so training may go on at once; call ``wait()`` on the result
     (every rank, like the save) to finish it. Until then the previous checkpoint at ``path``
-    is the one that loads; a new save to ``path`` waits for this one first."""
+    is the one that loads; a new save to ``path`` waits for this one first. (Without a
+    process group it silences DCP's "assuming … a single process" warning for good: the
+    background thread would print it at a random moment.)"""
     import torch.distributed.checkpoint as dcp
 
     save = _SaveTarget(Path(path), optimizer, extra)
+    if not save.distributed:
+        # DCP's notice that it assumes one process comes from the writing thread, after any
+        # catch_warnings here has ended; one process is what is meant, so it is dropped.
+        warnings.filterwarnings(
+            "ignore", "torch.distributed is disabled", UserWarning, "torch.distributed.checkpoint"
+        )
     with _single_process(save.distributed):
         future = dcp.async_save(
             save.state,
