@@ -440,16 +440,16 @@ class PendingSave:
 
 
 _pending: dict[Path, PendingSave] = {}  # unfinished asynchronous saves, by final path
-_groups_for_checkpoints: dict[int, dist.ProcessGroup] = {}  # per default group
+_checkpoint_groups: list[tuple[Any, dist.ProcessGroup]] = []  # (default group, its gloo twin)
 
 
 def _checkpoint_group() -> dist.ProcessGroup:
-    """A gloo group over the default group's ranks, made once per default group."""
-    key = id(dist.group.WORLD)
-    if key not in _groups_for_checkpoints:
-        _groups_for_checkpoints.clear()
-        _groups_for_checkpoints[key] = dist.new_group(backend="gloo")
-    return _groups_for_checkpoints[key]
+    """A gloo group over the default group's ranks, made once per default group (kept with
+    it, not by its id: a new default group may reuse a destroyed one's id)."""
+    world = dist.group.WORLD
+    if not _checkpoint_groups or _checkpoint_groups[0][0] is not world:
+        _checkpoint_groups[:] = [(world, dist.new_group(backend="gloo"))]
+    return _checkpoint_groups[0][1]
 
 
 class _SaveTarget:
