@@ -383,7 +383,7 @@ def save_checkpoint(path: str | Path, optimizer: Any, extra: dict[str, Any] | No
     ``path.tmp``, then renamed, so a crash mid-save leaves the previous checkpoint intact."""
     import torch.distributed.checkpoint as dcp
 
-    save = _SaveTarget(Path(path), optimizer, extra)
+    save = _SaveTarget(path, optimizer, extra)
     with _single_process(save.distributed):
         dcp.save(save.state, checkpoint_id=save.tmp, no_dist=not save.distributed)
     save.finish()
@@ -400,7 +400,7 @@ def save_checkpoint_async(
     background thread would print it at a random moment.)"""
     import torch.distributed.checkpoint as dcp
 
-    save = _SaveTarget(Path(path), optimizer, extra)
+    save = _SaveTarget(path, optimizer, extra)
     if not save.distributed:
         # DCP's notice that it assumes one process comes from the writing thread, after any
         # catch_warnings here has ended; one process is what is meant, so it is dropped.
@@ -456,7 +456,8 @@ class _SaveTarget:
     """What one save writes and where: ``path.tmp`` while writing; ``finish`` renames it into
     place."""
 
-    def __init__(self, final: Path, optimizer: Any, extra: dict[str, Any] | None) -> None:
+    def __init__(self, path: str | Path, optimizer: Any, extra: dict[str, Any] | None) -> None:
+        final = Path(os.path.abspath(path))  # one key per directory, however it is spelled
         if final in _pending:  # the same temporary directory: the earlier save goes first
             _pending[final].wait()
         self.final = final
