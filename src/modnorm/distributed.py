@@ -434,8 +434,7 @@ class PendingSave:
             return
         self._done = True
         _pending.pop(self._save.final, None)
-        with _single_process(self._save.distributed):
-            self._future.result()  # re-raises a failed write
+        self._future.result()  # re-raises a failed write
         self._save.finish()
 
 

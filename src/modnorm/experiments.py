@@ -553,7 +553,8 @@ def train(
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {STRATEGIES}")
     fsdp = strategy == "fsdp"
-    if fsdp and not torch.distributed.is_initialized():  # one process under torchrun is fine
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if fsdp and not grouped:  # one process under torchrun is a group too
         raise ValueError("strategy 'fsdp' shards over a process group: launch with torchrun")
     if fsdp and not cfg.optimizer.startswith("modnorm"):
         raise ValueError(f"strategy 'fsdp' needs a modnorm optimizer, got {cfg.optimizer!r}")
