@@ -46,11 +46,27 @@ def problems(device: str) -> dict[str, tuple[Callable[[], mn.Module], Callable[.
     }
 
 
-def run(name: str, every: int, device: str, steps: int, warmup: int) -> dict[str, Any]:
+OPTIMIZERS: dict[str, Callable[[mn.Module], torch.optim.Optimizer]] = {
+    "adam": lambda net: mn.optim.Adam(net, lr=0.02),
+    "sgd": lambda net: mn.optim.SGD(net, lr=0.02),
+    "sgd-momentum": lambda net: mn.optim.SGD(net, lr=0.02, momentum=0.9),
+}
+
+
+def run(
+    name: str,
+    every: int,
+    device: str,
+    steps: int,
+    warmup: int,
+    optimizer: str = "adam",
+    fixed: int | None = None,
+) -> dict[str, Any]:
+    """One training run; ``fixed=k`` runs exactly k Lanczos steps per call, unchecked."""
     build, loss_fn = problems(device)[name]
     torch.manual_seed(0)
     net = build().to(device)
-    opt = mn.optim.Adam(net, lr=0.02)
+    opt = OPTIMIZERS[optimizer](net)
     calls: list[dict[str, Any]] = []
     spectral_norms = modnorm.linalg.spectral_norms
     cpu = torch.Tensor.cpu
@@ -62,6 +78,8 @@ def run(name: str, every: int, device: str, steps: int, warmup: int) -> dict[str
             copies.append(self.shape[0])
             return cpu(self, *a, **k)
 
+        if fixed is not None:  # k steps: the first check comes after the last one
+            kwargs["max_iter"] = fixed
         torch.Tensor.cpu = copy  # type: ignore[method-assign]
         try:
             out = spectral_norms(w, *args, **kwargs)
@@ -95,7 +113,9 @@ def run(name: str, every: int, device: str, steps: int, warmup: int) -> dict[str
     n = max(1, len(iterative))
     return {
         "model": name,
+        "optimizer": optimizer,
         "check_every": every,
+        "fixed_steps": fixed,
         "calls": len(iterative),
         "host_copies_per_call": sum(c["copies"] for c in iterative) / n,
         "lanczos_steps_per_call": sum(c["steps"] for c in iterative) / n,
@@ -110,21 +130,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--every", default="1,2,4", help="check intervals to compare")
+    parser.add_argument("--optimizers", default="adam", help=f"from {sorted(OPTIMIZERS)}")
+    parser.add_argument("--fixed", default="", help="also: this many Lanczos steps, unchecked")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    schedules = [(int(e), None) for e in args.every.split(",")]
+    schedules += [(1, int(k)) for k in args.fixed.split(",") if k]
     rows = [
-        run(name, int(every), args.device, args.steps, args.warmup)
+        run(name, every, args.device, args.steps, args.warmup, optimizer, fixed)
         for name in problems("cpu")
-        for every in args.every.split(",")
+        for optimizer in args.optimizers.split(",")
+        for every, fixed in schedules
     ]
-    print("| model | check every | host copies / call | Lanczos steps / call | worst rel. error "
-          "| step ms (median) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| model | optimizer | schedule | host copies / call | Lanczos steps / call "
+          "| worst rel. error | step ms (median) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        schedule = (
+            f"{r['fixed_steps']} fixed steps"
+            if r["fixed_steps"] is not None
+            else f"check every {r['check_every']}"
+        )
         print(
-            f"| {r['model']} | {r['check_every']} | {r['host_copies_per_call']:.1f} "
+            f"| {r['model']} | {r['optimizer']} | {schedule} | {r['host_copies_per_call']:.1f} "
             f"| {r['lanczos_steps_per_call']:.1f} | {r['worst_relative_error']:.1e} "
             f"| {r['step_ms_median']:.1f} |"
         )

@@ -20,3 +20,9 @@ def test_counts_copies_and_steps_and_restores_the_library() -> None:
         assert r["worst_relative_error"] < 1e-3
     # checking less often never stops earlier
     assert rows[4]["lanczos_steps_per_call"] >= rows[1]["lanczos_steps_per_call"]
+
+
+def test_fixed_steps_run_that_many_steps_with_one_copy() -> None:
+    r = lc.run("resmlp 512x4", 1, "cpu", steps=3, warmup=1, optimizer="sgd", fixed=2)
+    assert r["fixed_steps"] == 2 and r["optimizer"] == "sgd"
+    assert r["lanczos_steps_per_call"] == 2 and r["host_copies_per_call"] == 1
