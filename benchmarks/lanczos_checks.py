@@ -1,11 +1,12 @@
 """How often Lanczos checks its stopping rule: host synchronizations against extra steps.
 
-Each check of `modnorm.linalg.spectral_norms`' stopping rule copies (α, β) to the host, which
-on a GPU waits for every queued kernel. This trains a ResMLP and a GPT with `mn.optim.Adam`
-for a few steps under several check intervals (`linalg._CHECK_EVERY`, the entry for the
-device's kind) and reports, per
-`spectral_norms` call after the warm-up: host copies, Lanczos steps, the worst relative error
-against an exact SVD (computed outside the timed region), and the wall time of the steps.
+Each check of the Lanczos stopping rule copies (α, β) to the host, which on a GPU waits for
+every queued kernel; a network's matrix shapes run side by side, so one check copies them all
+(`modnorm.linalg.spectral_norms_batches`). This trains a ResMLP and a GPT with
+`mn.optim.Adam` for a few steps under several check intervals (`linalg._CHECK_EVERY`, the
+entry for the device's kind) and reports, per norm computation after the warm-up: host
+copies, Lanczos steps of the slowest shape, the worst relative error against an exact SVD
+(computed outside the timed region), and the wall time of the steps.
 
     python benchmarks/lanczos_checks.py                 # CPU, one thread
     python benchmarks/lanczos_checks.py --device cuda   # on a GPU
@@ -68,29 +69,43 @@ def run(
     net = build().to(device)
     opt = OPTIMIZERS[optimizer](net)
     calls: list[dict[str, Any]] = []
-    spectral_norms = modnorm.linalg.spectral_norms
+    batched = modnorm.atoms.spectral_norms_batches
+    lanczos_run = modnorm.linalg._Workspace.run
     cpu = torch.Tensor.cpu
 
-    def counted(w: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def counted(batches: list[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         copies: list[int] = []
+        steps: dict[int, int] = {}  # per workspace, i.e. per shape
 
         def copy(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-            copies.append(self.shape[0])
+            copies.append(1)
             return cpu(self, *a, **k)
+
+        def stepped(ws: Any, start: int, end: int) -> None:
+            steps[id(ws)] = steps.get(id(ws), 0) + end - start
+            lanczos_run(ws, start, end)
 
         if fixed is not None:  # k steps: the first check comes after the last one
             kwargs["max_iter"] = fixed
         torch.Tensor.cpu = copy  # type: ignore[method-assign]
+        modnorm.linalg._Workspace.run = stepped  # type: ignore[method-assign]
         try:
-            out = spectral_norms(w, *args, **kwargs)
+            out = batched(batches, *args, **kwargs)
         finally:
             torch.Tensor.cpu = cpu  # type: ignore[method-assign]
-        calls.append({"w": w, "sigma": out[0], "copies": len(copies), "steps": sum(copies)})
+            modnorm.linalg._Workspace.run = lanczos_run  # type: ignore[method-assign]
+        # small matrices get their exact norm, from one copy of their Gram matrix
+        big = [
+            (w, s)
+            for w, (s, _) in zip(batches, out, strict=True)
+            if min(w.shape[1:]) > modnorm.linalg._EXACT_BELOW
+        ]
+        calls.append({"big": big, "copies": len(copies), "steps": max(steps.values(), default=0)})
         return out
 
     kind = "cpu" if device == "cpu" else "accelerator"
-    old = modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms
-    modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms = every, counted
+    old = modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms_batches
+    modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms_batches = every, counted
     try:
         walls = []
         for step in range(steps):
@@ -104,12 +119,13 @@ def run(
                 torch.cuda.synchronize()
             walls.append(time.perf_counter() - start)
     finally:
-        modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms = old
-    iterative = [c for c in calls if c["copies"]]  # small matrices take an exact SVD
+        modnorm.linalg._CHECK_EVERY[kind], modnorm.atoms.spectral_norms_batches = old
+    iterative = [c for c in calls if c["big"]]
     errors = []
     for c in iterative:
-        exact = torch.linalg.matrix_norm(c["w"].double(), ord=2)
-        errors.append(((c["sigma"].double() - exact).abs() / exact).max().item())
+        for w, sigma in c["big"]:
+            exact = torch.linalg.matrix_norm(w.double(), ord=2)
+            errors.append(((sigma.double() - exact).abs() / exact).max().item())
     n = max(1, len(iterative))
     return {
         "model": name,
@@ -144,7 +160,7 @@ def main() -> None:
         for optimizer in args.optimizers.split(",")
         for every, fixed in schedules
     ]
-    print("| model | optimizer | schedule | host copies / call | Lanczos steps / call "
+    print("| model | optimizer | schedule | host copies / call | Lanczos steps / call (slowest) "
           "| worst rel. error | step ms (median) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -208,3 +208,165 @@ def test_lanczos_waits_for_the_device_only_when_it_may_stop(
     # bidiagonal's spectrum grows with the steps and stays below σ₁
     exact = torch.linalg.matrix_norm(w, ord=2)
     assert (sigma <= exact * (1 + 1e-6)).all() and (sigma > 0.5 * exact).all()
+
+
+def _drifting(batch: int, m: int, n: int, calls: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(batch, m, n, generator=g)
+    return [w + 0.05 * i * torch.randn(batch, m, n, generator=g) for i in range(calls)]
+
+
+def _warm_run(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out, v = [], None
+    for w in mats:
+        sigma, v = spectral_norms(w, v)
+        out.append((sigma, v))
+    return out
+
+
+def test_captured_lanczos_steps_replay_to_the_eager_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On CUDA the steps between checks are captured once and replayed on later calls, reading
+    # everything from the shape's workspace. A stand-in capture that replays by running the
+    # same steps again checks that logic on the CPU: interleaved calls for two shapes, each
+    # warm-started from its last, give what the eager iteration gives, bit for bit.
+    a, b = _drifting(3, 150, 120, 5, seed=0), _drifting(2, 100, 130, 5, seed=1)
+    eager_a, eager_b = _warm_run(a), _warm_run(b)
+    captured: list[int] = []
+    replays = []
+
+    def capture(ws: object, steps: object) -> object:
+        captured.append(id(steps))
+        steps()  # type: ignore[operator]
+
+        def replay() -> None:
+            replays.append(1)
+            steps()  # type: ignore[operator]
+
+        return replay
+
+    monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(linalg, "_capture", capture)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    va = vb = None
+    for i in range(5):
+        sa, va = spectral_norms(a[i], va)
+        sb, vb = spectral_norms(b[i], vb)
+        for (s, v), (se, ve) in (((sa, va), eager_a[i]), ((sb, vb), eager_b[i])):
+            assert torch.equal(s, se) and torch.equal(v, ve)
+    assert len(linalg._WORKSPACES) == 2 and replays and len(captured) < len(replays)
+    exact = torch.linalg.matrix_norm(a[-1], ord=2)
+    assert torch.allclose(sa, exact, rtol=1e-4)
+
+
+def test_lanczos_without_capture_falls_back_to_eager_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (w,) = _drifting(2, 120, 110, 1, seed=2)
+
+    def broken(ws: object, steps: object) -> object:
+        steps()  # type: ignore[operator]  # as the real one: the steps run, then capture fails
+        raise linalg._CaptureError("capture not supported here")
+
+    monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(linalg, "_capture", broken)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs: capture not supported"):
+        sigma, _ = spectral_norms(w)
+    assert torch.allclose(sigma, torch.linalg.matrix_norm(w, ord=2), rtol=1e-4)
+    sigma2, _ = spectral_norms(w)  # the workspace stays eager: no second warning
+    assert torch.equal(sigma, sigma2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_lanczos_matches_the_cpu() -> None:
+    mats = _drifting(4, 300, 200, 6, seed=3)
+    cpu = _warm_run(mats)
+    gpu = _warm_run([w.cuda() for w in mats])
+    for (s, _), (sg, vg) in zip(cpu, gpu, strict=True):
+        assert vg.is_cuda and torch.allclose(sg.cpu(), s, rtol=1e-4)
+    assert any(ws.graphs for ws in linalg._WORKSPACES.values())  # it did capture
+    exact = torch.linalg.matrix_norm(mats[-1], ord=2)
+    assert torch.allclose(gpu[-1][0].cpu(), exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 500), (3, 500, 40), (2, 96, 96), (1, 1, 7)])
+def test_small_matrices_get_the_exact_norm_and_vector(shape: tuple[int, int, int]) -> None:
+    w = torch.randn(shape, dtype=torch.float64)
+    w[0] *= 1e-3  # scale does not matter
+    sigma, v = spectral_norms(w)
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose(sigma, s[:, 0], rtol=1e-10)
+    assert torch.allclose(
+        torch.linalg.vector_norm(w @ v[..., None], dim=(1, 2)), s[:, 0], rtol=1e-8
+    )
+    zero, _ = spectral_norms(torch.zeros(2, 30, 50))
+    assert (zero == 0).all()
+
+
+def test_batches_of_several_shapes_run_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each shape's result is what it gets alone, and one host copy serves every shape at each
+    # check: as many copies as the slowest shape needs alone, not the sum.
+    g = torch.Generator().manual_seed(4)
+    batches = [
+        torch.randn(3, 200, 150, generator=g),
+        torch.randn(2, 150, 300, generator=g, dtype=torch.float64),
+        torch.randn(4, 40, 120, generator=g),  # exact: one copy of its Gram matrix
+    ]
+    warm = [None, torch.randn(2, 300, generator=g, dtype=torch.float64), None]
+    copies: list[int] = []
+    cpu = torch.Tensor.cpu
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        copies.append(1)
+        return cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    alone, alone_copies = [], []
+    for w, v0 in zip(batches, warm, strict=True):
+        copies.clear()
+        alone.append(spectral_norms(w, v0))
+        alone_copies.append(len(copies))
+    copies.clear()
+    together = linalg.spectral_norms_batches(batches, warm)
+    assert len(copies) == max(alone_copies) < sum(alone_copies)
+    for (s, v), (s2, vt), w in zip(alone, together, batches, strict=True):
+        assert torch.equal(s, s2) and torch.equal(v, vt) and s2.dtype == w.dtype
+        assert torch.allclose(s2, torch.linalg.matrix_norm(w, ord=2), rtol=1e-4)
+    with pytest.raises(ValueError, match="2 batches but 1 warm starts"):
+        linalg.spectral_norms_batches(batches[:2], warm[:1])
+
+
+def test_normalize_and_dualize_run_in_float32_inside_autocast() -> None:
+    # An optimizer step taken inside an autocast region must not run the norms' and dual
+    # maps' matmuls in bfloat16 (normalize was off by 1.6e-3 there, dualize by 2.6e-2).
+    import copy
+
+    import modnorm as mn
+
+    torch.manual_seed(0)
+    net = mn.ResMLP(64, 10, width=160, num_blocks=2)
+    update = [torch.randn_like(p) for p in net.parameters()]
+    plain, cast = copy.deepcopy(net), copy.deepcopy(net)  # the same (cold) warm starts
+    expected = plain.normalize(update, 0.1), plain.dualize(update, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cast.normalize(update, 0.1), cast.dualize(update, 0.1)
+    for want, have in zip(expected, got, strict=True):
+        for a, b in zip(want, have, strict=True):
+            assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_cuda_workspaces_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A sweep trains network after network: only the most recent shapes keep their buffers.
+    monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(linalg, "_capture", lambda ws, steps: steps() or steps)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    monkeypatch.setattr(linalg, "_MAX_WORKSPACES", 3)
+    for n in range(100, 106):
+        spectral_norms(torch.randn(1, 100, n))
+    assert [key[2] for key in linalg._WORKSPACES] == [103, 104, 105]
+    spectral_norms(torch.randn(1, 100, 104))  # a hit moves to the back
+    spectral_norms(torch.randn(1, 100, 106))
+    assert [key[2] for key in linalg._WORKSPACES] == [105, 104, 106]
+    assert not any(ws.lock.locked() for ws in linalg._WORKSPACES.values())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modnorm.linalg import orthogonalize, spectral_norms
+from modnorm.linalg import orthogonalize, spectral_norms_batches
 from modnorm.modules import Atom
 
 
@@ -57,11 +57,15 @@ class _MatrixAtom(Atom):
         matrix_atoms = cast(list[_MatrixAtom], atoms)
         mats = [a._mats(t) for a, t in zip(matrix_atoms, tensors, strict=True)]
         out: list[Tensor] = [torch.zeros(())] * len(atoms)
-        for idx in _groups(mats):
-            stacked = torch.cat([mats[i] for i in idx])
+        groups = _groups(mats)
+        stacks, warms = [], []
+        for idx in groups:
+            stacks.append(torch.cat([mats[i] for i in idx]))
             warm = [cast(Tensor, matrix_atoms[i]._v) for i in idx]
             ok = all(w.shape == mats[i].shape[::2] for w, i in zip(warm, idx, strict=True))
-            sigma, v = spectral_norms(stacked, torch.cat(warm) if ok else None)
+            warms.append(torch.cat(warm) if ok else None)
+        # all shapes side by side: one host synchronization per Lanczos check, not per shape
+        for idx, (sigma, v) in zip(groups, spectral_norms_batches(stacks, warms), strict=True):
             start = 0
             for i in idx:
                 p = mats[i].shape[0]
