@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ WORLD = 2
 STEPS = 20
 RESUME = 4  # checkpoint tests: steps before the checkpoint, and after it
 CHECKPOINTED = ("sgd", "adam", "dual", "radam")
+TALL = ("adam", "dual")  # normalize and dualize of a matrix split across ranks
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda m: mn.optim.SGD(m, lr=0.1, momentum=0.9),
     "adam": lambda m: mn.optim.Adam(m, lr=0.1),
@@ -49,6 +51,18 @@ def _net() -> mn.Module:
     torch.set_default_dtype(torch.float64)
     try:
         return mn.ResMLP(12, 5, width=100, num_blocks=2)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _tall_net() -> mn.Module:
+    # The 300 × 120 matrix costs more than an even share of the dual maps: the ranks split it
+    # (its Gram matrix is 120 × 120, above 96: Lanczos), and the others go to owners.
+    torch.manual_seed(1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return mn.Linear(300, 5) @ mn.GELU() @ mn.Linear(120, 300) @ mn.GELU() @ mn.Linear(12, 120)
     finally:
         torch.set_default_dtype(default)
 
@@ -80,10 +94,10 @@ def _full(tensors: Any) -> list[torch.Tensor]:
     ]
 
 
-def _grads() -> list[torch.Tensor]:
+def _grads(net: Callable[[], mn.Module] = _net) -> list[torch.Tensor]:
     """A fixed gradient-shaped list (the same on every rank)."""
     gen = torch.Generator().manual_seed(7)
-    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in _net().parameters()]
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in net().parameters()]
 
 
 def _maps(net: mn.Module, grads: list[Any]) -> dict[str, Any]:
@@ -164,6 +178,20 @@ def _fsdp(rank: int) -> dict[str, Any]:
             (o.placements == (placement,), o.to_local().shape == g.to_local().shape)
             for o, g in zip(out, sharded, strict=True)
         ]
+
+    # one matrix too large for an even share: every rank computes its own rows of it
+    from modnorm.distributed import _split_atoms
+
+    sharded = [distribute_tensor(g, mesh, [Shard(0)]) for g in _grads(_tall_net)]
+    result["tall_split"] = sorted(_split_atoms(_tall_net(), sharded, WORLD))
+    result["tall_maps"] = _maps(_tall_net(), sharded)
+    with warnings.catch_warnings():  # bfloat16 is emulated on this CPU: slow, and said so
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result["tall_mixed"] = _full(_tall_net().dualize(sharded, 0.3, precision="mixed"))
+    for name in TALL:
+        net = _sharded(_tall_net())
+        _train(net, OPTIMIZERS[name](net), rank, WORLD)
+        result[f"tall_{name}"] = _full(net.parameters())
 
     def error(fn: Callable[[], Any]) -> str:
         try:
@@ -683,3 +711,33 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     assert one.returncode == 0, one.stderr
     assert json.loads((tmp_path / "one" / "train.json").read_text())["world_size"] == 1
     assert (tmp_path / "one" / "checkpoint").is_dir()
+
+
+def test_a_matrix_larger_than_an_even_share_is_computed_by_every_rank(
+    runs: list[dict[str, Any]],
+) -> None:
+    # Its norm from the all-reduced Gram matrix, its dual map by Newton–Schulz on each rank's
+    # rows: the same maps and the same training as one process, without gathering it.
+    shapes = [tuple(atom.weight.shape) for atom, _ in _tall_net().atom_shares()]
+    want = _maps(_tall_net(), _grads(_tall_net))
+    reference = {}
+    for name in TALL:
+        net = _tall_net()
+        _train(net, OPTIMIZERS[name](net), 0, 1)
+        reference[name] = _full(net.parameters())
+    for run in runs:
+        got = run["fsdp"]
+        assert got["tall_split"] == [shapes.index((300, 120))]
+        torch.testing.assert_close(got["tall_maps"]["norm"], want["norm"], rtol=1e-5, atol=0)
+        for g, w in zip(got["tall_maps"]["normalize"], want["normalize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+        for g, w in zip(got["tall_maps"]["dualize"], want["dualize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)  # the sums' order, no more
+        # bfloat16 steps but the last: the same dual pairing ⟨G, dualize(G)⟩ to 1e-3
+        grads = _grads(_tall_net)
+        pair = [(g * d).sum() for g, d in zip(grads, want["dualize"], strict=True)]
+        mixed = [(g * d).sum() for g, d in zip(grads, got["tall_mixed"], strict=True)]
+        torch.testing.assert_close(torch.stack(mixed), torch.stack(pair), rtol=1e-3, atol=0)
+        for name in TALL:
+            for g, w in zip(got[f"tall_{name}"], reference[name], strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-6)

@@ -8,7 +8,9 @@ the norm of an atom is global: the spectral norm of a sharded matrix is not the 
 slices' norms. So :meth:`modnorm.Module.norm`, ``normalize`` and ``dualize`` send DTensors
 here, and the atoms are split across ranks (as scalable Muon implementations split their
 matrices), balanced by the cost of their dual maps: each atom of positive share belongs to
-one rank, which gathers its full tensor and runs the single-process code on it.
+one rank, which gathers its full tensor and runs the single-process code on it. An atom
+costing more than an even share (a large vocabulary's head) is computed by every rank on its
+own rows instead, through all-reduced Gram matrices (`_split_atoms`).
 
 * **norm / normalize**: the owner computes the atom's norm (batched, warm-started Lanczos);
   one all-reduce shares the norms, and each rank scales its own slices.
@@ -35,7 +37,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -44,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from modnorm.atoms import _MatrixAtom as _MatrixAtomT
     from modnorm.modules import Atom, Module
 
 __all__ = [
@@ -129,14 +132,15 @@ def global_sums(tensors: Sequence[Tensor]) -> Tensor:
     return sums
 
 
-def _owners(module: Module, world: int) -> dict[int, int]:
+def _owners(module: Module, world: int, split: frozenset[int] = frozenset()) -> dict[int, int]:
     """Atom index → the rank that computes its norm and dual map, for the atoms of positive
-    share (mass-0 atoms never move, so nothing is computed for them). Balanced by cost:
-    largest first, each to the least loaded rank (ties: the lower rank), so that a GPT's
-    ``4d × d`` MLP matrices and its ``vocab × d`` head do not pile up on one rank. The same
-    on every rank: it depends only on the shapes."""
+    share (mass-0 atoms never move, so nothing is computed for them) that are not ``split``
+    (computed by every rank together). Balanced by cost: largest first, each to the least
+    loaded rank (ties: the lower rank), so that a GPT's ``4d × d`` MLP matrices and its
+    ``vocab × d`` head do not pile up on one rank. The same on every rank: it depends only
+    on the shapes."""
     shares = module.atom_shares()
-    live = [i for i, (_, share) in enumerate(shares) if share > 0]
+    live = [i for i, (_, share) in enumerate(shares) if share > 0 and i not in split]
     load = [0] * world
     owners: dict[int, int] = {}
     for i in sorted(live, key=lambda i: -_cost(shares[i][0])):  # stable: ties keep tree order
@@ -158,15 +162,72 @@ def _cost(atom: Atom) -> int:
     return size
 
 
+def _split_atoms(module: Module, tensors: Sequence[Tensor], world: int) -> frozenset[int]:
+    """The atoms that every rank works on together instead of one owner: a Linear or Conv2d
+    costing more than an even share of the dual maps (one rank would be the bottleneck, and
+    would hold the whole matrix), sharded along its rows (FSDP2's ``Shard(0)``) and at least
+    as tall as wide. Its Gram matrix ``WᵀW`` (``in × in``, the small side) is then the sum of
+    the ranks' ``W_rᵀ W_r``: the norm is ``√λ_max`` of that sum, and Newton–Schulz needs one
+    all-reduce of it per iteration while each rank updates its own rows."""
+    from modnorm.atoms import _MatrixAtom
+
+    shares = module.atom_shares()
+    if len(tensors) != len(shares):  # _check_parts says what is wrong
+        return frozenset()
+    live = [i for i, (_, share) in enumerate(shares) if share > 0]
+    total = sum(_cost(shares[i][0]) for i in live)
+    split = set()
+    for i in live:
+        atom = shares[i][0]
+        if world < 2 or not isinstance(atom, _MatrixAtom) or _cost(atom) * world <= total:
+            continue
+        rows, cols = atom.weight.shape[:2]
+        if _sharded_dim(tensors[i]) == 0 and cols <= rows:
+            split.add(i)
+    return frozenset(split)
+
+
+def _summed(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
+    def reduce(t: Tensor) -> Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t, group=group)
+        return t
+
+    return reduce
+
+
+def _split_norms(
+    module: Module, tensors: Sequence[Tensor], split: Sequence[int], group: dist.ProcessGroup
+) -> list[Tensor]:
+    """The norms of the ``split`` atoms, the same on every rank: the largest eigenvalue of
+    each matrix's all-reduced Gram matrix (Lanczos, warm-started), square-rooted."""
+    from modnorm.linalg import _compute_dtype, spectral_norms_batches
+
+    atoms = [cast("_MatrixAtomT", module.atom_shares()[i][0]) for i in split]
+    grams, warms = [], []
+    for atom, i in zip(atoms, split, strict=True):
+        local = _local(tensors[i])
+        mats = atom._mats(local).to(_compute_dtype(local))
+        grams.append(_summed(group)(mats.mT @ mats))
+        ok = atom._v.shape == grams[-1].shape[:2]
+        warms.append(atom._v if ok else None)
+    out = []
+    for atom, (sigma, v) in zip(atoms, spectral_norms_batches(grams, warms), strict=True):
+        atom._v = v  # the top eigenvectors of WᵀW: right singular vectors, as on one process
+        out.append(sigma.clamp_min(0).sqrt().max())
+    return out
+
+
 def _gathered(
-    module: Module, tensors: Sequence[Tensor]
+    module: Module, tensors: Sequence[Tensor], split: frozenset[int]
 ) -> tuple[dist.ProcessGroup, dict[int, int], dict[int, Tensor]]:
-    """Check the tensors, then gather each atom's tensor to its owner. Returns the group, the
-    owners and the full tensors this rank owns."""
+    """Check the tensors, then gather each atom's tensor to its owner (the ``split`` atoms
+    stay where they are). Returns the group, the owners and the full tensors this rank
+    owns."""
     group = _check_layout(tensors)
     assert group is not None  # the callers only come here with a DTensor
     _check_parts(module, tensors)
-    owners = _owners(module, dist.get_world_size(group))
+    owners = _owners(module, dist.get_world_size(group), split)
     rank = dist.get_rank(group)
     full = {i: _gather_to(tensors[i], r, group) for i, r in owners.items()}
     return group, owners, {i: cast(Tensor, t) for i, t in full.items() if owners[i] == rank}
@@ -177,7 +238,10 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
     computed by its owner from the gathered tensor, then shared by one all-reduce."""
     from modnorm.modules import _atom_norms
 
-    group, _, mine = _gathered(module, tensors)
+    group = _check_layout(tensors)
+    assert group is not None
+    split = _split_atoms(module, tensors, dist.get_world_size(group))
+    group, _, mine = _gathered(module, tensors, split)
     shares = module.atom_shares()
     norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
     device = _local(tensors[0]).device
@@ -185,6 +249,9 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
     if mine:
         out[list(mine)] = torch.stack([n.float().to(device) for n in norms])
     dist.all_reduce(out, group=group)  # each entry is non-zero on one rank only
+    if split:  # computed alike on every rank
+        together = _split_norms(module, tensors, sorted(split), group)
+        out[sorted(split)] = torch.stack([n.float().to(device) for n in together])
     return out
 
 
@@ -239,17 +306,45 @@ def dualize(
     from modnorm.modules import _atom_duals, _check_target
 
     target = _check_target(target)
-    group, owners, mine = _gathered(module, tensors)
+    group = _check_layout(tensors)
+    assert group is not None
+    split = _split_atoms(module, tensors, dist.get_world_size(group))
+    if method != "newton_schulz":  # an SVD needs the whole matrix
+        split = frozenset()
+    group, owners, mine = _gathered(module, tensors, split)
     shares = module.atom_shares()
-    split = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
+    owned = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
     dual = {
         i: d * (target * shares[i][1])
-        for i, d in zip(mine, _atom_duals(split, method, precision), strict=True)
+        for i, d in zip(mine, _atom_duals(owned, method, precision), strict=True)
     }
     out = [torch.zeros_like(t) for t in tensors]
     for i, r in owners.items():
         out[i] = _scatter_from(dual.get(i), tensors[i], r, group)
+    for i in sorted(split):
+        out[i] = _split_dual(shares[i][0], tensors[i], target * shares[i][1], group, precision)
     return out
+
+
+def _split_dual(
+    atom: Atom, t: Tensor, scale: float, group: dist.ProcessGroup, precision: str
+) -> Tensor:
+    """The dual map of a row-sharded matrix atom, each rank computing its own rows:
+    Newton–Schulz on ``Wᵀ`` (``in × rows``, columns split across ranks) with the Gram
+    matrices all-reduced."""
+    from torch.distributed.tensor import DTensor
+
+    from modnorm.linalg import _compute_dtype, _newton_schulz
+
+    matrix = cast("_MatrixAtomT", atom)
+    local = _local(t)
+    x = matrix._mats(local).to(_compute_dtype(local)).mT
+    polar = _newton_schulz(x, precision=precision, reduce=_summed(group))
+    dual = (matrix._unmats(polar.mT.to(local.dtype), local) * scale).contiguous()
+    assert isinstance(t, DTensor)
+    return DTensor.from_local(
+        dual, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    )
 
 
 def share_warm_starts(module: Module) -> None:
@@ -268,8 +363,8 @@ def share_warm_starts(module: Module) -> None:
     atoms = [atom for atom, _ in module.atom_shares()]
     mine = {
         i: {name: b.detach().cpu() for name, b in _warm_start_buffers(atoms[i])}
-        for i, r in _owners(module, world).items()
-        if r == rank
+        for i, r in _owners(module, world, _split_atoms(module, params, world)).items()
+        if r == rank  # a split atom's warm starts are the same on every rank already
     }
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, mine, group=group)

@@ -420,29 +420,57 @@ def _orthogonalize(
         keep = ((s > rtol * top) & (top > 0)).to(dtype)
         out = (u * keep.unsqueeze(-2)) @ vh
     else:
-        # Frobenius ≥ spectral: every singular value starts in [0, 1]; zero stays zero.
-        scale = x.norm(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-        if precision == "mixed" and not native_bfloat16(x.device):
-            warnings.warn(
-                f"precision='mixed' on {x.device}, where bfloat16 matmuls are emulated: "
-                "slower than precision='full' (see modnorm.linalg.native_bfloat16)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        low = torch.bfloat16 if precision == "mixed" else dtype
-        x = (x / scale).to(low)
-        a, b, c = _QUINTIC
-        for _ in range(steps):
-            gram = x @ x.mT
-            x = a * x + (b * gram + c * gram @ gram) @ x
-        # The quintic overshoots up to ~1.2; the cubic step's fixed point at 1 is stable only
-        # below √3 and it maps (1, √3) back under 1, so polishing converges from there
-        # (errors 0.3 → 0.12 → 0.02 → 7e-4 → 1e-6): bfloat16's 4e-3 only matters in the last.
-        for i in range(polish):
-            if i == polish - 1:
-                x = x.to(dtype)
-            x = 1.5 * x - 0.5 * (x @ x.mT) @ x
-        out = x.to(dtype)
+        out = _newton_schulz(x, steps, polish, precision)
     if transpose:
         out = out.mT
     return out.to(g.dtype)
+
+
+def _newton_schulz(
+    x: Tensor,
+    steps: int = 5,
+    polish: int = 4,
+    precision: str = "full",
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """The polar factor of ``x`` (batched over leading dims; float32 or float64) by the
+    iteration of `orthogonalize`, with the Gram matrix ``x xᵀ`` taken over the last dim.
+
+    ``reduce`` is for a matrix whose columns are split across ranks (each holds some of the
+    columns of ``x``): it sums a tensor over the ranks (an all-reduce). ``x xᵀ`` and
+    ``‖x‖_F²`` are then sums of every rank's part, and the rest of each step is local, so
+    every rank ends with its own columns of the polar factor of the whole matrix.
+    """
+    dtype = x.dtype
+    # Frobenius ≥ spectral: every singular value starts in [0, 1]; zero stays zero.
+    if reduce is None:
+        scale = x.norm(dim=(-2, -1), keepdim=True)
+    else:
+        scale = reduce(x.square().sum(dim=(-2, -1), keepdim=True)).sqrt()
+    scale = scale.clamp_min(torch.finfo(dtype).tiny)
+    if precision == "mixed" and not native_bfloat16(x.device):
+        warnings.warn(
+            f"precision='mixed' on {x.device}, where bfloat16 matmuls are emulated: "
+            "slower than precision='full' (see modnorm.linalg.native_bfloat16)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    low = torch.bfloat16 if precision == "mixed" else dtype
+
+    def gram(y: Tensor) -> Tensor:
+        g = y @ y.mT
+        return g if reduce is None else reduce(g.to(dtype)).to(y.dtype)  # summed in full
+
+    x = (x / scale).to(low)
+    a, b, c = _QUINTIC
+    for _ in range(steps):
+        g = gram(x)
+        x = a * x + (b * g + c * g @ g) @ x
+    # The quintic overshoots up to ~1.2; the cubic step's fixed point at 1 is stable only
+    # below √3 and it maps (1, √3) back under 1, so polishing converges from there
+    # (errors 0.3 → 0.12 → 0.02 → 7e-4 → 1e-6): bfloat16's 4e-3 only matters in the last.
+    for i in range(polish):
+        if i == polish - 1:
+            x = x.to(dtype)
+        x = 1.5 * x - 0.5 * gram(x) @ x
+    return x.to(dtype)
