@@ -249,6 +249,7 @@ def test_captured_lanczos_steps_replay_to_the_eager_results(
     monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
     monkeypatch.setattr(linalg, "_capture", capture)
     monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    monkeypatch.setattr(linalg, "_steps_needed", lambda *args: 0)  # the eager schedule
     va = vb = None
     for i in range(5):
         sa, va = spectral_norms(a[i], va)
@@ -370,3 +371,49 @@ def test_cuda_workspaces_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     spectral_norms(torch.randn(1, 100, 106))
     assert [key[2] for key in linalg._WORKSPACES] == [105, 104, 106]
     assert not any(ws.lock.locked() for ws in linalg._WORKSPACES.values())
+
+
+def test_a_shape_first_checks_after_the_steps_its_last_call_needed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On CUDA (here: the CPU with cached workspaces and the accelerator's check interval) a
+    # call like the last one copies to the host once, and never stops earlier than a check
+    # after every step would have.
+    mats = _drifting(3, 200, 150, 6, seed=5)
+    copies: list[int] = []
+    cpu = torch.Tensor.cpu
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        copies.append(self.shape[0])
+        return cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    every_step = []  # steps taken, and the result, checking after every step (the CPU's rule)
+    v = None
+    for w in mats:
+        copies.clear()
+        sigma, v = spectral_norms(w, v)
+        every_step.append((sum(copies), sigma))
+    monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", 2)
+    monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(linalg, "_capture", lambda ws, steps: steps() or steps)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    v, syncs = None, []
+    for w, (needed, eager) in zip(mats, every_step, strict=True):
+        copies.clear()
+        sigma, v = spectral_norms(w, v)
+        (ws,) = linalg._WORKSPACES.values()
+        assert ws.needed == needed  # what this call would have taken checking every step
+        assert sum(copies) >= needed  # and it took at least that many
+        exact = torch.linalg.matrix_norm(w, ord=2)
+        assert (sigma - exact).abs().max() <= (eager - exact).abs().max() + 1e-6 * exact.max()
+        syncs.append(len(copies))
+    # against the same schedule without the memory: fewer synchronizations in all
+    monkeypatch.setattr(linalg, "_steps_needed", lambda *args: 0)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    v, forgetful = None, []
+    for w in mats:
+        copies.clear()
+        _, v = spectral_norms(w, v)
+        forgetful.append(len(copies))
+    assert sum(syncs[1:]) < sum(forgetful[1:]) and syncs[0] == forgetful[0]

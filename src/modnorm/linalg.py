@@ -159,7 +159,10 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
         alphas: list[np.ndarray] = []  # the bidiagonal's entries, on the host
         betas: list[np.ndarray] = []
         est = np.zeros(batch)
-        first = min(_MIN_STEPS, k_max)
+        # A shape's workspace remembers how many steps its last call needed: on CUDA, where
+        # steps are replayed graphs and checks are synchronizations, the first check waits
+        # for that many, so a call like the last one synchronizes once.
+        first = min(max(_MIN_STEPS, ws.needed), k_max)
         every = _CHECK_EVERY["cpu" if w.device.type == "cpu" else "accelerator"]
         steps = 0
         while steps < k_max:
@@ -177,6 +180,8 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
             if done.all():
                 break
         sigma, right = _top_singular(alphas, betas)
+        if ws.graphs is not None:
+            ws.needed = _steps_needed(alphas, betas, tol)
         # The Ritz vectors lifted back: the next call's warm starts.
         coef = torch.as_tensor(right, dtype=dtype).to(w.device)
         v_top = torch.bmm(coef[:, None], ws.vs[:, :steps])[:, 0]
@@ -184,6 +189,19 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
         ws.release()
     v_top = v_top / v_top.norm(dim=1, keepdim=True).clamp_min(tiny)
     return torch.as_tensor(sigma, dtype=dtype).to(w.device), v_top
+
+
+def _steps_needed(alphas: list[np.ndarray], betas: list[np.ndarray], tol: float) -> int:
+    """The steps after which a check at every step would have stopped this run: the first
+    ``k ≥ _MIN_STEPS`` whose estimate moved by at most ``tol`` from step ``k − 1``'s for every
+    matrix of the batch (or all the steps taken)."""
+    est = _top_singular(alphas[: _MIN_STEPS - 1], betas)[0] if len(alphas) >= _MIN_STEPS else 0
+    for k in range(_MIN_STEPS, len(alphas) + 1):
+        new = _top_singular(alphas[:k], betas)[0]
+        if ((np.abs(new - est) <= tol * new) | (betas[k - 1] <= tol * new)).all():
+            return k
+        est = new
+    return len(alphas)
 
 
 def _exact_small(w: Tensor) -> _Run:
@@ -231,6 +249,7 @@ class _Workspace:
         self.ab = torch.empty(k_max, 2, batch, dtype=dtype, device=device)
         self.tiny = torch.finfo(dtype).tiny
         self.lock = threading.Lock()
+        self.needed = 0  # Lanczos steps the last run needed (cached workspaces only)
 
     def load(self, w: Tensor) -> None:
         if self.graphs is not None:
