@@ -1,0 +1,43 @@
+"""The loss-gap ablation (``benchmarks/adam_gap.py``): each variant changes one thing of the
+network the transfer benchmark trains, and the unchanged one is that network."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import adam_gap as ag
+from modnorm import compounds
+
+
+def test_the_default_variant_is_the_benchmarks_resmlp() -> None:
+    torch.manual_seed(0)
+    ours = ag.resmlp(48, 3)
+    torch.manual_seed(0)
+    theirs = compounds.ResMLP(64, 10, 48, 3)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randn(5, 64)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_every_variant_changes_the_network_or_the_optimizer() -> None:
+    # the forward pass, the masses (how an update is shared out) or the optimizer
+    x = torch.randn(5, 64)
+    torch.manual_seed(0)
+    base = ag.resmlp(32, 2)
+    nominal, shares = base(x), [s for _, s in base.atom_shares()]
+    for name, (make_net, make_opt, _) in ag.VARIANTS.items():
+        torch.manual_seed(0)
+        net = make_net(32, 2)
+        out = net(x)
+        assert out.shape == (5, 10)
+        same_net = torch.equal(out, nominal) and [s for _, s in net.atom_shares()] == shares
+        opt = make_opt(net, 0.1)
+        default_opt = type(opt) is ag.mn_optim.Adam and opt.defaults["betas"] == (0.9, 0.99)
+        assert (name == "modnorm-adam") == (same_net and default_opt), name
+
+
+def test_one_run_trains() -> None:
+    r = ag.run(("plain residuals", 16, 2, -1))
+    assert r["variant"] == "plain residuals" and r["blocks"] == 2 and not r["diverged"]
+    assert 0 < r["train_loss"] < 2.3  # below chance (ln 10) after 200 steps
