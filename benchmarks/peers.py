@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
+from modnorm.compounds import ResMLP
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -98,6 +99,21 @@ def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
             x, _ = data.batch(256, torch.Generator().manual_seed(12_345), cfg.context)
             calibrate_(cast(Module, model), x.to(device))
         return model, [ex.build_optimizer(name, model, lr)]
+
+    return build
+
+
+def modnorm_adam_output_scale(scale: float) -> ex.Builder:
+    """modnorm-adam on a ResMLP whose head is multiplied by ``scale`` (``output_scale``)."""
+
+    def build(
+        cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+    ) -> Built:
+        if cfg.model != "resmlp":
+            raise ValueError(f"output_scale is a ResMLP option; this sweep has a {cfg.model}")
+        features = math.prod(data.in_shape)
+        model = ResMLP(features, data.num_classes, width, depth, output_scale=scale)
+        return model.to(device), [mn_optim.Adam(model, lr)]
 
     return build
 
@@ -315,6 +331,12 @@ METHODS: dict[str, Method] = {
             modnorm_dual_mixed,
             ALL_MODELS,
             note="modnorm-dual, Newton–Schulz in bfloat16 but for its last step",
+        ),
+        Method(
+            "modnorm-adam-logits4",
+            modnorm_adam_output_scale(4.0),
+            ("resmlp",),
+            note="ResMLP(output_scale=4): logits × 4 (benchmarks/adam_gap.py)",
         ),
         Method(
             "modnorm-adam-calibrated",

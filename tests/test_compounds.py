@@ -194,3 +194,21 @@ def test_bad_compound_arguments() -> None:
         mn.MLP(3, 3, 8, activation="tanh")
     with pytest.raises(ValueError, match="num_blocks"):
         mn.ResMLP(3, 3, 8, num_blocks=0)
+
+
+def test_resmlp_output_scale_multiplies_the_logits_and_shifts_the_shares() -> None:
+    # μP's output multiplier: its sensitivity divides every atom's share of an update, so a
+    # step moves the weights 4× less for the same bound on the change of the logits.
+    torch.manual_seed(0)
+    plain = mn.ResMLP(16, 10, 32, num_blocks=2)
+    torch.manual_seed(0)
+    scaled = mn.ResMLP(16, 10, 32, num_blocks=2, output_scale=4.0)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(scaled(x), 4 * plain(x))
+    assert scaled.sensitivity == pytest.approx(4.0) and scaled.mass == plain.mass
+    shares = [s for _, s in plain.atom_shares()]
+    scaled_shares = [s for _, s in scaled.atom_shares()]
+    assert scaled_shares == pytest.approx([s / 4 for s in shares])
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="output_scale"):
+            mn.ResMLP(16, 10, 32, num_blocks=2, output_scale=bad)

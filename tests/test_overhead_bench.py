@@ -58,6 +58,7 @@ def test_times_are_positive_and_the_shaping_part_lies_inside_the_step(
     parts = {
         "modnorm-adam": "normalize",
         "modnorm-adam-calibrated": "normalize",
+        "modnorm-adam-logits4": "normalize",
         "modnorm-dual-mixed": "dualize",
         "modnorm-sgd": "normalize",
         "modnorm-dual": "dualize",

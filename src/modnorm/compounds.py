@@ -6,6 +6,8 @@ of ``L`` aligned residues bounded, so the network stays well-normed at any depth
 
 from __future__ import annotations
 
+import math
+
 from modnorm.atoms import Conv2d, Embedding, Linear
 from modnorm.bonds import (
     Abs,
@@ -67,17 +69,26 @@ def ResMLP(  # noqa: N802
     block_depth: int = 1,
     activation: str = "abs",
     blocks_mass: float = 1.0,
+    output_scale: float = 1.0,
 ) -> Module:
     """Residual MLP: ``Linear ∘ blocks ∘ Linear ∘ Flatten``; each block is
-    ``(MeanSubtract ∘ act ∘ Linear ∘ RMSDivide) ** block_depth`` (as the reference)."""
+    ``(MeanSubtract ∘ act ∘ Linear ∘ RMSDivide) ** block_depth`` (as the reference).
+    ``output_scale`` multiplies the logits (μP's output multiplier); as a sensitivity it
+    divides every atom's share of an update by as much, so a step of the same ``lr`` moves
+    the weights less for the same bound on the change of the logits."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
+    if not (output_scale > 0 and math.isfinite(output_scale)):
+        raise ValueError(f"output_scale must be a positive number, got {output_scale!r}")
     initial = Linear(in_features, width) @ Flatten()
     residue = MeanSubtract() @ _activation(activation) @ Linear(width, width) @ RMSDivide()
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    return Linear(width, out_features) @ blocks @ initial
+    head: Module = Linear(width, out_features)
+    if output_scale != 1.0:
+        head = output_scale * head
+    return head @ blocks @ initial
 
 
 def ResCNN(  # noqa: N802
