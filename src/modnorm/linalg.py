@@ -112,11 +112,19 @@ def _full_precision(*devices: torch.device) -> Iterator[None]:
     """Autocast off on these devices: an ``optimizer.step()`` inside an autocast region
     would otherwise run the norms' and dual maps' matmuls in bfloat16 (normalize off by
     ~2e-3, dualize by ~3e-2)."""
-    with contextlib.ExitStack() as stack:
-        for kind in sorted({d.type for d in devices}):
-            if torch.amp.is_autocast_available(kind):
-                stack.enter_context(torch.autocast(kind, enabled=False))
+    kinds = {d.type for d in devices}
+    on = sorted(k for k in kinds if torch.amp.is_autocast_available(k) and _autocasting(k))
+    if not on:  # the common case: nothing to turn off, no context to pay for
         yield
+        return
+    with contextlib.ExitStack() as stack:
+        for kind in on:
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
+
+
+def _autocasting(kind: str) -> bool:
+    return bool(torch.is_autocast_enabled(kind))
 
 
 # A run of one batch yields the device tensors its host side needs, receives them as float64
@@ -212,9 +220,11 @@ def _exact_small(w: Tensor) -> _Run:
     a = w.to(_compute_dtype(w))
     wide = a.shape[1] <= a.shape[2]
     short = a if wide else a.mT
-    evals, evecs = np.linalg.eigh((yield short @ short.mT))  # ascending
-    sigma = torch.as_tensor(np.sqrt(np.maximum(evals[:, -1], 0.0)), dtype=a.dtype)
-    top = torch.as_tensor(evecs[:, :, -1], dtype=a.dtype).to(a.device)
+    # torch's eigensolver, not numpy's: numpy's BLAS threads spin against torch's and can
+    # make a 32 × 32 problem take milliseconds on a busy machine
+    evals, evecs = torch.linalg.eigh(torch.from_numpy((yield short @ short.mT)))  # ascending
+    sigma = evals[:, -1].clamp_min(0).sqrt().to(a.dtype)
+    top = evecs[:, :, -1].to(a.dtype).to(a.device)
     if wide:  # top is a left singular vector u: the right one is Aᵀu / σ
         top = torch.bmm(a.mT, top[..., None])[..., 0]
         top = top / top.norm(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
