@@ -375,8 +375,9 @@ def _top_singular(
     b[:, idx, idx] = diag
     if k > 1:
         b[:, idx[:-1], idx[1:]] = np.stack(betas[: k - 1], axis=1)
-    _, s, vh = np.linalg.svd(b)
-    return s[:, 0], vh[:, 0]
+    # torch's SVD on the host, not numpy's: numpy's BLAS threads spin against torch's
+    _, s, vh = torch.linalg.svd(torch.from_numpy(b))
+    return s[:, 0].numpy(), vh[:, 0].numpy()
 
 
 PRECISIONS = ("full", "mixed")
