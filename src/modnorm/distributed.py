@@ -172,8 +172,6 @@ def _split_atoms(module: Module, tensors: Sequence[Tensor], world: int) -> froze
     from modnorm.atoms import _MatrixAtom
 
     shares = module.atom_shares()
-    if len(tensors) != len(shares):  # _check_parts says what is wrong
-        return frozenset()
     live = [i for i, (_, share) in enumerate(shares) if share > 0]
     total = sum(_cost(shares[i][0]) for i in live)
     split = set()
@@ -219,18 +217,21 @@ def _split_norms(
 
 
 def _gathered(
-    module: Module, tensors: Sequence[Tensor], split: frozenset[int]
-) -> tuple[dist.ProcessGroup, dict[int, int], dict[int, Tensor]]:
-    """Check the tensors, then gather each atom's tensor to its owner (the ``split`` atoms
-    stay where they are). Returns the group, the owners and the full tensors this rank
-    owns."""
+    module: Module, tensors: Sequence[Tensor], splittable: bool = True
+) -> tuple[dist.ProcessGroup, dict[int, int], dict[int, Tensor], list[int]]:
+    """Check the tensors, then gather each atom's tensor to its owner; the atoms too large
+    for one rank (`_split_atoms`, where ``splittable``) stay where they are. Returns the
+    group, the owners, the full tensors this rank owns and the split atoms."""
     group = _check_layout(tensors)
     assert group is not None  # the callers only come here with a DTensor
     _check_parts(module, tensors)
-    owners = _owners(module, dist.get_world_size(group), split)
+    world = dist.get_world_size(group)
+    split = _split_atoms(module, tensors, world) if splittable else frozenset()
+    owners = _owners(module, world, split)
     rank = dist.get_rank(group)
     full = {i: _gather_to(tensors[i], r, group) for i, r in owners.items()}
-    return group, owners, {i: cast(Tensor, t) for i, t in full.items() if owners[i] == rank}
+    mine = {i: cast(Tensor, t) for i, t in full.items() if owners[i] == rank}
+    return group, owners, mine, sorted(split)
 
 
 def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
@@ -238,10 +239,7 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
     computed by its owner from the gathered tensor, then shared by one all-reduce."""
     from modnorm.modules import _atom_norms
 
-    group = _check_layout(tensors)
-    assert group is not None
-    split = _split_atoms(module, tensors, dist.get_world_size(group))
-    group, _, mine = _gathered(module, tensors, split)
+    group, _, mine, split = _gathered(module, tensors)
     shares = module.atom_shares()
     norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
     device = _local(tensors[0]).device
@@ -250,8 +248,8 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
         out[list(mine)] = torch.stack([n.float().to(device) for n in norms])
     dist.all_reduce(out, group=group)  # each entry is non-zero on one rank only
     if split:  # computed alike on every rank
-        together = _split_norms(module, tensors, sorted(split), group)
-        out[sorted(split)] = torch.stack([n.float().to(device) for n in together])
+        together = _split_norms(module, tensors, split, group)
+        out[split] = torch.stack([n.float().to(device) for n in together])
     return out
 
 
@@ -306,12 +304,8 @@ def dualize(
     from modnorm.modules import _atom_duals, _check_target
 
     target = _check_target(target)
-    group = _check_layout(tensors)
-    assert group is not None
-    split = _split_atoms(module, tensors, dist.get_world_size(group))
-    if method != "newton_schulz":  # an SVD needs the whole matrix
-        split = frozenset()
-    group, owners, mine = _gathered(module, tensors, split)
+    # an SVD needs the whole matrix: only Newton–Schulz splits one across ranks
+    group, owners, mine, split = _gathered(module, tensors, method == "newton_schulz")
     shares = module.atom_shares()
     owned = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
     dual = {
@@ -321,7 +315,7 @@ def dualize(
     out = [torch.zeros_like(t) for t in tensors]
     for i, r in owners.items():
         out[i] = _scatter_from(dual.get(i), tensors[i], r, group)
-    for i in sorted(split):
+    for i in split:
         out[i] = _split_dual(shares[i][0], tensors[i], target * shares[i][1], group, precision)
     return out
 

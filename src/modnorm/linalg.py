@@ -183,9 +183,9 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
                 est = _top_singular(alphas[:-1], betas)[0]
             steps = end
             new_est = _top_singular(alphas, betas)[0]
-            done = (np.abs(new_est - est) <= tol * new_est) | (betas[-1] <= tol * new_est)
+            done = _converged(new_est, est, betas[-1], tol)
             est = new_est
-            if done.all():
+            if done:
                 break
         sigma, right = _top_singular(alphas, betas)
         if ws.graphs is not None:
@@ -206,10 +206,16 @@ def _steps_needed(alphas: list[np.ndarray], betas: list[np.ndarray], tol: float)
     est = _top_singular(alphas[: _MIN_STEPS - 1], betas)[0] if len(alphas) >= _MIN_STEPS else 0
     for k in range(_MIN_STEPS, len(alphas) + 1):
         new = _top_singular(alphas[:k], betas)[0]
-        if ((np.abs(new - est) <= tol * new) | (betas[k - 1] <= tol * new)).all():
+        if _converged(new, est, betas[k - 1], tol):
             return k
         est = new
     return len(alphas)
+
+
+def _converged(est: np.ndarray, previous: np.ndarray | int, beta: np.ndarray, tol: float) -> bool:
+    """The stopping rule, for every matrix of a batch: the estimate moved by at most ``tol``
+    (relative) since the ``previous`` one, or the Krylov space is (nearly) invariant."""
+    return bool(((np.abs(est - previous) <= tol * est) | (beta <= tol * est)).all())
 
 
 def _exact_small(w: Tensor) -> _Run:
