@@ -33,6 +33,7 @@ from modnorm import experiments as ex
 from modnorm import optim as mn_optim
 from modnorm.atoms import Linear
 from modnorm.bonds import Flatten, Identity, MeanSubtract, RMSDivide
+from modnorm.compounds import ResMLP
 from modnorm.modules import Module
 
 MODNORM_LRS = [-2, -1, 0]
@@ -40,10 +41,9 @@ TORCH_LRS = [-10, -9, -8, -7, -6]
 
 
 def resmlp(width: int, blocks: int, order: str = "post", residual: str = "convex",
-           final_norm: bool = False, blocks_mass: float = 1.0,
-           logit_scale: float = 1.0) -> Module:  # fmt: skip
+           final_norm: bool = False) -> Module:  # fmt: skip
     """modnorm's ResMLP (the defaults: `compounds.ResMLP`, its weights drawn in the same
-    order) with one part changed."""
+    order) with a part changed that `compounds.ResMLP` has no option for."""
     initial = Linear(64, width) @ Flatten()
     act = compounds._activation("abs")
     if order == "post":  # modnorm's: normalize, Linear, activation, subtract the mean
@@ -56,10 +56,8 @@ def resmlp(width: int, blocks: int, order: str = "post", residual: str = "convex
         stack = (Identity() + (1 / blocks) * residue) ** blocks
     else:  # x + block(x)
         stack = (Identity() + residue) ** blocks
-    stack.tare(blocks_mass)
+    stack.tare(1.0)
     head: Module = Linear(width, 10)
-    if logit_scale != 1.0:
-        head = logit_scale * head
     if final_norm:
         head = head @ RMSDivide() @ MeanSubtract()
     return head @ stack @ initial
@@ -81,10 +79,10 @@ VARIANTS: dict[str, Variant] = {
     ),
     "beta1 0.95": (resmlp, _adam(betas=(0.95, 0.99)), MODNORM_LRS),
     "beta2 0.999": (resmlp, _adam(betas=(0.9, 0.999)), MODNORM_LRS),
-    "blocks mass 4": (lambda w, b: resmlp(w, b, blocks_mass=4.0), _adam(), MODNORM_LRS),
-    "blocks mass 16": (lambda w, b: resmlp(w, b, blocks_mass=16.0), _adam(), MODNORM_LRS),
-    "logits x4": (lambda w, b: resmlp(w, b, logit_scale=4.0), _adam(), [-2, -1, 0, 1]),
-    "logits x16": (lambda w, b: resmlp(w, b, logit_scale=16.0), _adam(), [-2, -1, 0, 1]),
+    "blocks mass 4": (lambda w, b: ResMLP(64, 10, w, b, blocks_mass=4.0), _adam(), MODNORM_LRS),
+    "blocks mass 16": (lambda w, b: ResMLP(64, 10, w, b, blocks_mass=16.0), _adam(), MODNORM_LRS),
+    "logits x4": (lambda w, b: ResMLP(64, 10, w, b, output_scale=4.0), _adam(), [-2, -1, 0, 1]),
+    "logits x16": (lambda w, b: ResMLP(64, 10, w, b, output_scale=16.0), _adam(), [-2, -1, 0, 1]),
     "norm before the head": (lambda w, b: resmlp(w, b, final_norm=True), _adam(), MODNORM_LRS),
     "LayerNorm's order": (lambda w, b: resmlp(w, b, order="pre"), _adam(), MODNORM_LRS),
     "plain residuals": (lambda w, b: resmlp(w, b, residual="plain"), _adam(), MODNORM_LRS),

@@ -9,6 +9,21 @@ from modnorm import linalg
 from modnorm.linalg import orthogonalize, spectral_norm, spectral_norms
 
 
+@pytest.fixture
+def host_copies(monkeypatch: pytest.MonkeyPatch) -> list[torch.Size]:
+    """The shapes of the tensors copied to the host (``Tensor.cpu``) from here on: on a GPU,
+    each copy is a synchronization."""
+    copies: list[torch.Size] = []
+    cpu = torch.Tensor.cpu
+
+    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        copies.append(self.shape)
+        return cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    return copies
+
+
 @pytest.mark.parametrize(
     "shape", [(1, 5), (7, 3), (64, 64), (300, 40), (128, 512), (512, 512), (100, 1000)]
 )
@@ -185,23 +200,19 @@ def test_mixed_precision_warns_where_bfloat16_is_emulated(monkeypatch: pytest.Mo
     [(1, 4, 1), (1, 10, 7), (2, 4, 1), (2, 5, 2), (2, 10, 4), (2, 11, 5)],
 )
 def test_lanczos_waits_for_the_device_only_when_it_may_stop(
-    monkeypatch: pytest.MonkeyPatch, every: int, max_iter: int, checks: int
+    monkeypatch: pytest.MonkeyPatch,
+    host_copies: list[torch.Size],
+    every: int,
+    max_iter: int,
+    checks: int,
 ) -> None:
     # Each check of the stopping rule copies (α, β) to the host: on a GPU, a synchronization.
     # They come after 4 steps, then every `every` (1 on the CPU, 2 on accelerators; the
     # CPU's is set here to test both schedules), and after the last step.
     monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", every)
-    copies = []
-    cpu = torch.Tensor.cpu
-
-    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        copies.append(self.shape)
-        return cpu(self, *args, **kwargs)
-
     w = torch.randn(3, 200, 150, generator=torch.Generator().manual_seed(0))
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.Tensor, "cpu", counted)
-        sigma, _ = spectral_norms(w, tol=0.0, max_iter=max_iter)  # tol 0: all max_iter steps
+    copies = host_copies
+    sigma, _ = spectral_norms(w, tol=0.0, max_iter=max_iter)  # tol 0: all max_iter steps
     assert len(copies) == checks
     assert sum(c[0] for c in copies) == max_iter  # every step's (α, β) reached the host once
     # what the host saw is what a check after every step would have seen: the top of the
@@ -306,7 +317,7 @@ def test_small_matrices_get_the_exact_norm_and_vector(shape: tuple[int, int, int
     assert (zero == 0).all()
 
 
-def test_batches_of_several_shapes_run_side_by_side(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batches_of_several_shapes_run_side_by_side(host_copies: list[torch.Size]) -> None:
     # Each shape's result is what it gets alone, and one host copy serves every shape at each
     # check: as many copies as the slowest shape needs alone, not the sum.
     g = torch.Generator().manual_seed(4)
@@ -316,14 +327,7 @@ def test_batches_of_several_shapes_run_side_by_side(monkeypatch: pytest.MonkeyPa
         torch.randn(4, 40, 120, generator=g),  # exact: one copy of its Gram matrix
     ]
     warm = [None, torch.randn(2, 300, generator=g, dtype=torch.float64), None]
-    copies: list[int] = []
-    cpu = torch.Tensor.cpu
-
-    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        copies.append(1)
-        return cpu(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    copies = host_copies
     alone, alone_copies = [], []
     for w, v0 in zip(batches, warm, strict=True):
         copies.clear()
@@ -374,26 +378,19 @@ def test_cuda_workspaces_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_shape_first_checks_after_the_steps_its_last_call_needed(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, host_copies: list[torch.Size]
 ) -> None:
     # On CUDA (here: the CPU with cached workspaces and the accelerator's check interval) a
     # call like the last one copies to the host once, and never stops earlier than a check
     # after every step would have.
     mats = _drifting(3, 200, 150, 6, seed=5)
-    copies: list[int] = []
-    cpu = torch.Tensor.cpu
-
-    def counted(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        copies.append(self.shape[0])
-        return cpu(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    copies = host_copies
     every_step = []  # steps taken, and the result, checking after every step (the CPU's rule)
     v = None
     for w in mats:
         copies.clear()
         sigma, v = spectral_norms(w, v)
-        every_step.append((sum(copies), sigma))
+        every_step.append((sum(c[0] for c in copies), sigma))
     monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", 2)
     monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
     monkeypatch.setattr(linalg, "_capture", lambda ws, steps: steps() or steps)
@@ -404,7 +401,7 @@ def test_a_shape_first_checks_after_the_steps_its_last_call_needed(
         sigma, v = spectral_norms(w, v)
         (ws,) = linalg._WORKSPACES.values()
         assert ws.needed == needed  # what this call would have taken checking every step
-        assert sum(copies) >= needed  # and it took at least that many
+        assert sum(c[0] for c in copies) >= needed  # and it took at least that many
         exact = torch.linalg.matrix_norm(w, ord=2)
         assert (sigma - exact).abs().max() <= (eager - exact).abs().max() + 1e-6 * exact.max()
         syncs.append(len(copies))
