@@ -145,6 +145,131 @@ def test_causal_attention_matches_a_naive_implementation() -> None:
     assert torch.allclose(mn.Softmax()(scores), torch.softmax(scores, -1))
 
 
+# ---- CausalAttention's constants, per head: ν = 1 and γ = 1 for inputs whose sizes sum to 1 --
+
+
+def _attention(x: tuple[torch.Tensor, ...], scale: float | None = None) -> torch.Tensor:
+    """An independent causal attention (finite mask: forward-mode AD through -inf is NaN)."""
+    q, k, v = x
+    t = q.shape[-2]
+    s = q @ k.transpose(-1, -2) * (1 / q.shape[-1] if scale is None else scale)
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), -1e9)
+    return torch.softmax(s, -1) @ v
+
+
+def _head_size(t: torch.Tensor) -> torch.Tensor:
+    """Worst ``(b, h, t)`` row's RMS over the head dimension (square root last: rows whose
+    second derivative vanishes, as position 0's, keep a finite gradient)."""
+    return t.square().mean(-1).amax().sqrt()
+
+
+def _tuple_size(u: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return sum((_head_size(t) for t in u), torch.zeros((), dtype=torch.float64))
+
+
+def _at_sizes(raw: tuple[torch.Tensor, ...], sizes: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """Inputs whose every row has the given RMS: q, k, v of sizes summing to ``sum(sizes)``."""
+    return tuple(
+        c * t / t.square().mean(-1, keepdim=True).sqrt() for c, t in zip(sizes, raw, strict=True)
+    )
+
+
+def _second(f, x, u, w):  # type: ignore[no-untyped-def]
+    """``∇²f(x)[u, w]``: forward-mode AD of forward-mode AD."""
+    return torch.func.jvp(lambda *z: torch.func.jvp(f, z, u)[1], x, w)[1]
+
+
+def _worst_curvature(sizes: tuple[float, ...], scale: float | None = None, d: int = 8) -> float:
+    """The largest ``‖∇²f[u, w]‖ / (‖u‖‖w‖)`` that gradient ascent over the inputs (at the
+    given sizes) and both directions finds."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, 5, d)
+    leaves = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(9)]
+    for t in leaves:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(leaves, lr=0.05)
+    best = 0.0
+    for _ in range(120):
+        x = _at_sizes(tuple(leaves[:3]), sizes)
+        u, w = tuple(leaves[3:6]), tuple(leaves[6:])
+        ratio = _head_size(_second(lambda *z: _attention(z, scale), x, u, w))
+        ratio = ratio / (_tuple_size(u) * _tuple_size(w))
+        best = max(best, float(ratio.detach()))
+        opt.zero_grad()
+        (-ratio).backward()
+        opt.step()
+    return best
+
+
+def test_causal_attention_declares_unit_sensitivity_and_curvature() -> None:
+    att = mn.CausalAttention()
+    assert att.sensitivity == 1 and att.sharpness == (0.0, 0.0, 1.0) and att.smooth
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [(1 / 3, 1 / 3, 1 / 3), (0.0, 0.0, 1.0), (0.43, 0.43, 0.14), (0.86, 0.0, 0.14)],
+    ids=["thirds", "values", "scores", "queries"],
+)
+def test_causal_attention_curvature_stays_within_gamma(sizes: tuple[float, ...]) -> None:
+    # the derived bound max(‖q‖, ‖k‖, ‖v‖(1 + 2‖q‖‖k‖), 2‖v‖max(‖q‖,‖k‖)²) ≤ 1, against the
+    # worst that an ascent over inputs and directions finds
+    q, k, v = sizes
+    derived = max(q, k, v * (1 + 2 * q * k), 2 * v * max(q, k) ** 2)
+    found = _worst_curvature(sizes)
+    assert found <= derived * (1 + 1e-9) <= 1 + 1e-9
+    assert found > 0.2 * derived  # the ascent finds curvature, so the check can fail
+
+
+def test_causal_attention_gamma_is_attained_and_needs_the_one_over_d_scaling() -> None:
+    # v alone (q = k = 0: uniform weights), values ±e sorted by the keys' step: ∇²f[u, w] = e
+    d, t = 8, 4
+    e = torch.ones(d, dtype=torch.float64)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)[:, None]
+    zero = torch.zeros(1, 1, t, d, dtype=torch.float64)
+    x = (zero, zero, (sign * e).expand(1, 1, t, d))
+    u = (e.expand(1, 1, t, d), zero, zero)  # queries move
+    w = (zero, (sign * e).expand(1, 1, t, d), zero)  # keys move
+    lib = mn.CausalAttention()
+    h = 1e-3  # the library's forward, by a mixed central difference
+
+    def f(a: float, b: float) -> torch.Tensor:
+        return lib(tuple(xi + a * ui + b * wi for xi, ui, wi in zip(x, u, w, strict=True)))
+
+    second = (f(h, h) - f(h, -h) - f(-h, h) + f(-h, -h)) / (4 * h * h)
+    assert float(_head_size(second)) == pytest.approx(1.0, rel=1e-5)
+    assert float(_head_size(_second(lambda *z: _attention(z), x, u, w))) == pytest.approx(1.0)
+    # 1/√D instead of 1/D: the scores, and the curvature, grow with the head dimension
+    assert _worst_curvature((1 / 3, 1 / 3, 1 / 3), scale=1 / 8, d=64) > 1.5
+
+
+def _directional(x: tuple[torch.Tensor, ...], u: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The library's ``∇f(x)[u]`` by a central difference (its fused kernel has no
+    forward-mode derivative)."""
+    h, att = 1e-5, mn.CausalAttention()
+    plus = att(tuple(xi + h * ui for xi, ui in zip(x, u, strict=True)))
+    return (plus - att(tuple(xi - h * ui for xi, ui in zip(x, u, strict=True)))) / (2 * h)
+
+
+def test_causal_attention_sensitivity_is_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for sizes in [(1 / 3, 1 / 3, 1 / 3), (0.0, 0.0, 1.0), (0.5, 0.5, 0.0)]:
+        raw = tuple(torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+        x = _at_sizes(raw, sizes)
+        for _ in range(5):
+            u = tuple(torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+            out = _directional(x, u)
+            worst = max(worst, float(_head_size(out) / _tuple_size(u)))
+    assert worst <= 1 + 1e-9
+    # attained at position 0, whose output is its own value: Δv alone moves it as much
+    x = _at_sizes(tuple(torch.randn(1, 1, 3, 8, dtype=torch.float64) for _ in range(3)), (0.3,) * 3)
+    dv = torch.zeros(1, 1, 3, 8, dtype=torch.float64)
+    dv[..., 0, :] = 1.0
+    zero = torch.zeros_like(dv)
+    assert float(_head_size(_directional(x, (zero, zero, dv)))) == pytest.approx(1.0, rel=1e-6)
+
+
 def test_positions() -> None:
     assert torch.equal(mn.Positions()(torch.zeros(3, 5, dtype=torch.long)), torch.arange(5))
     assert mn.Positions().sensitivity == 0

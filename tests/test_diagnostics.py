@@ -350,11 +350,40 @@ def test_non_smooth_networks_are_refused_by_name(net: mn.Module, bond: str) -> N
         sharpness_check(net, "cross_entropy", (unit(4, 16), torch.randint(0, 10, (4,))))
 
 
-def test_gpt_has_no_sharpness_constant_to_certify() -> None:
-    gpt = mn.GPT(11, 8, 16, 2, 1)
-    idx = torch.randint(0, 11, (2, 8))
-    with pytest.raises(ValueError, match="no derived sharpness constant"):
-        sharpness_check(gpt, "cross_entropy", (idx, idx))
+@pytest.mark.parametrize(("heads", "steps"), [(1, 0), (4, 0), (4, 100)])
+def test_gpt_certificate_bounds_the_measured_curvature(heads: int, steps: int) -> None:
+    # attention's γ = 1 completes the GPT's recursion; the bound holds at init and after
+    # training. Its inputs sum to size 1 at init with one head (a unit-RMS stream, orthogonal
+    # weights, 1/3 each); split into heads, a row's head can be larger than the token's RMS,
+    # and training grows q, k, v further: a note says so
+    torch.manual_seed(0)
+    gpt = mn.GPT(23, 12, 16, num_heads=heads, num_blocks=2)
+    gen = torch.Generator().manual_seed(1)
+
+    def make_x() -> torch.Tensor:
+        return torch.randint(0, 23, (4, 12), generator=gen)
+
+    opt = mn.optim.Adam(gpt, lr=0.3)
+    for _ in range(steps):  # learn to copy the previous token
+        x = make_x()
+        opt.zero_grad()
+        F.cross_entropy(gpt(x).flatten(0, 1), x.roll(1, 1).flatten()).backward()
+        opt.step()
+    x = make_x()
+    cert = sharpness_check(gpt, "cross_entropy", (x, x.roll(1, 1)))
+    assert cert.alpha == pytest.approx(gpt.sharpness[0]) and cert.gamma > 0
+    assert cert.ratio >= 1 and cert.local_ratio >= 1
+    assert cert.measured > 10 * cert.measured_random
+    assert cert.measured_fd == pytest.approx(cert.measured, rel=1e-3)
+    outgrown = [n for n in cert.notes if "CausalAttention" in n]
+    assert bool(outgrown) == (heads > 1 or steps > 0)
+
+
+def test_modules_without_a_derived_constant_are_refused_by_name() -> None:
+    net = mn.Linear(8, 4) @ mn.Softmax() @ mn.Linear(16, 8)
+    x = unit(2, 16)
+    with pytest.raises(ValueError, match="Softmax at 1 has no derived sharpness constant"):
+        sharpness_check(net, "cross_entropy", (x, torch.randint(0, 4, (2,))))
 
 
 # ---- command line ----------------------------------------------------------------------------

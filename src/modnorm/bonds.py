@@ -236,7 +236,10 @@ class AvgPool(Bond):
 
 
 class SplitHeads(Bond):
-    """``(B, T, H·D) → (B, H, T, D)`` (ν = 1, a reshape)."""
+    """``(B, T, H·D) → (B, H, T, D)``, a reshape. Measured per head (as `CausalAttention`), a
+    token's head can have up to ``√H`` times the token's RMS over all features (its features
+    gathered in one head); ν = 1 is the typical gain, with features spread evenly over the
+    heads (at an orthogonal initialization), not the worst case."""
 
     def __init__(self, num_heads: int) -> None:
         super().__init__()
@@ -313,14 +316,27 @@ class Softmax(Bond):
 class CausalAttention(Bond):
     """``softmax(q kᵀ / d_head + causal mask) v`` on a tuple ``(q, k, v)`` of ``(B, H, T, D)``
     tensors. The ``1/d_head`` scaling (not ``1/√d_head``) keeps the scores bounded when ``q``
-    and ``k`` align, as they do after training. ν = 1 (as in the reference); smooth, but no
-    sharpness constant is derived here."""
+    and ``k`` align, as they do after training.
+
+    Measured per head (each ``(b, h, t)`` row's RMS over ``D``, the worst row) with the tuple
+    measured by the sum ``‖q‖ + ‖k‖ + ‖v‖``, and for inputs with that sum at most 1: ν = 1 and
+    sharpness ``(0, 0, 1)``, both attained. Why: a score moves by ``|Δq·k + q·Δk|/D ≤
+    ‖Δq‖‖k‖ + ‖q‖‖Δk‖``; the output ``Σ_s a_s v_s`` moves by a convex combination of the
+    ``Δv_s`` plus the covariance, under the attention weights ``a``, of the score change with
+    ``v``. Its second derivative is a sum of such covariances, ``Cov_a(Δs, Δṽ)``,
+    ``Cov_a(Δ²s, v)`` and ``E_a[(xx̃ − E_a xx̃)(v − v̄)]`` (``x`` the centred score changes),
+    each at most the product of the sizes involved; collected, the bilinear bound is
+    ``max(‖q‖, ‖k‖, ‖v‖(1 + 2‖q‖‖k‖), 2‖v‖·max(‖q‖, ‖k‖)²)`` times the two steps' sizes, which
+    is at most 1 when the sizes sum to 1 (``v`` alone: ``q = k = 0``, uniform attention, a step
+    of the queries aligned with keys that sort the values reaches it). With ``1/√D`` the
+    scores, and the curvature, grow like ``√D``. `SplitHeads` feeds it: see there for the
+    per-head size."""
 
     n_inputs = 3
 
     @property
     def sharpness(self) -> Sharpness | None:
-        return None
+        return (0.0, 0.0, 1.0)
 
     def out_spec(self, spec: Spec) -> Spec:
         self._check_arity(spec)

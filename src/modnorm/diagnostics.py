@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modnorm.bonds import GELU, ReLU, RMSDivide
+from modnorm.bonds import GELU, CausalAttention, ReLU, RMSDivide
 from modnorm.modules import Atom, Bond, Module
 
 # GELU's largest slope, max_x d/dx[xΦ(x)] ≈ 1.129 (at x ≈ 0.75): with ν = gain/√2, the worst
@@ -512,7 +512,11 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
                 f"inputs have RMS up to {s:.3g} (worst row): atoms are well-normed for unit "
                 "inputs, so an atom fed the input directly can move the output that much more"
             )
-    low = _rms_divide_inputs(probe.net, lambda: probe(probe.params))
+
+    def forward() -> Tensor:
+        return probe(probe.params)
+
+    low = _rms_divide_inputs(probe.net, forward)
     # a declared input RMS makes ν = 1/input_rms: below it, the gain exceeds the declared ν
     shrunk = {p: r / m.input_rms for p, (m, r) in low.items() if r < m.input_rms * (1 - tol)}
     if shrunk:
@@ -522,6 +526,14 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
             f"(down to {shrunk[worst]:.3g} of it at {worst}): there they amplify changes up to "
             f"{1 / shrunk[worst]:.3g}× their ν (a residual stream, or an embedding sum "
             "½·tok + ½·pos, has RMS below 1; `calibrate_` declares the measured RMS)"
+        )
+    big = {p: r for p, (_, r) in _attention_inputs(probe.net, forward).items() if r > 1 + tol}
+    if big:
+        worst = max(big, key=big.__getitem__)
+        notes.append(
+            f"{len(big)} CausalAttention bond(s) see queries, keys and values of sizes summing "
+            f"to {big[worst]:.3g} (at {worst}; per head, worst row): their ν = 1 and γ = 1 hold "
+            "for sizes summing to at most 1; at size s, ν can reach s²/4 and γ grows like s³"
         )
     acts: dict[str, int] = {}
     for _, m in probe.net.named_modules():
@@ -536,19 +548,23 @@ def _assumption_notes(probe: _Probe, tol: float) -> list[str]:
     return notes
 
 
-def _rms_divide_inputs(
-    net: nn.Module, forward: Callable[[], Any]
-) -> dict[str, tuple[RMSDivide, float]]:
-    """Each RMSDivide of ``net`` (by path) with the smallest row RMS it sees during
-    ``forward()``."""
-    low: dict[str, tuple[RMSDivide, float]] = {}
+def _bond_inputs(
+    net: nn.Module,
+    kind: type[Bond],
+    measure: Callable[[Any, Any], float],
+    keep: Callable[[float, float], float],
+    forward: Callable[[], Any],
+) -> dict[str, tuple[Any, float]]:
+    """Each bond of type ``kind`` in ``net`` (by path) with ``measure(bond, its input)``,
+    combined by ``keep`` over its calls during ``forward()``."""
+    seen: dict[str, tuple[Any, float]] = {}
     hooks = []
     for path, m in net.named_modules():
-        if isinstance(m, RMSDivide):
+        if isinstance(m, kind):
 
-            def hook(mod: RMSDivide, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
-                r = float(inp[0].detach().square().mean(dim=mod.dim).sqrt().min())
-                low[path] = (mod, min(r, low.get(path, (mod, math.inf))[1]))
+            def hook(mod: Any, inp: tuple[Any, ...], _out: Any, path: str = path) -> None:
+                value = measure(mod, inp[0])
+                seen[path] = (mod, keep(value, seen[path][1]) if path in seen else value)
 
             hooks.append(m.register_forward_hook(hook))
     try:
@@ -557,7 +573,32 @@ def _rms_divide_inputs(
     finally:
         for h in hooks:
             h.remove()
-    return low
+    return seen
+
+
+def _rms_divide_inputs(
+    net: nn.Module, forward: Callable[[], Any]
+) -> dict[str, tuple[RMSDivide, float]]:
+    """Each RMSDivide of ``net`` (by path) with the smallest row RMS it sees during
+    ``forward()``."""
+
+    def smallest_rms(mod: RMSDivide, x: Tensor) -> float:
+        return float(x.detach().square().mean(dim=mod.dim).sqrt().min())
+
+    return _bond_inputs(net, RMSDivide, smallest_rms, min, forward)
+
+
+def _attention_inputs(
+    net: nn.Module, forward: Callable[[], Any]
+) -> dict[str, tuple[CausalAttention, float]]:
+    """Each CausalAttention of ``net`` (by path) with the largest ``‖q‖ + ‖k‖ + ‖v‖`` it sees
+    (each the worst row's RMS over a head's features, as its constants are stated)."""
+
+    def tuple_size(_mod: CausalAttention, qkv: tuple[Tensor, ...]) -> float:
+        # (B, H, T, D): a row per (b, h, t), not `rows`' image layout
+        return sum(float(t.detach().double().square().mean(-1).max().sqrt()) for t in qkv)
+
+    return _bond_inputs(net, CausalAttention, tuple_size, max, forward)
 
 
 def calibrate_(module: Module, x: Tensor) -> dict[str, float]:
@@ -593,6 +634,7 @@ class SharpnessCertificate:
     loose the bound is. ``local_bound`` uses the loss's constants at this batch's outputs.
     ``gauss_newton`` and ``output_curvature`` split the measured value along the best direction
     into ``(JΔ)ᵀ∇²loss(JΔ)`` (bounded by ``τ``) and ``⟨∇loss, Δ·∇²f·Δ⟩`` (bounded by ``σ·α``).
+    ``notes`` names the assumptions behind ``α`` that this batch does not meet.
     """
 
     loss: str
@@ -609,6 +651,7 @@ class SharpnessCertificate:
     gauss_newton: float
     output_curvature: float
     directions: int
+    notes: list[str] = field(default_factory=list)
 
     @property
     def bound(self) -> float:
@@ -644,6 +687,7 @@ class SharpnessCertificate:
                 f"  ratio bound / measured      = {self.ratio:.3g}  "
                 f"(local: {self.local_ratio:.3g})"
                 + ("" if self.ratio >= 1 else "  BREAKS: the bound is below the measurement"),
+                *(f"  note: {n}" for n in self.notes),
             ]
         )
 
@@ -814,6 +858,7 @@ def sharpness_check(
         gauss_newton=gn,
         output_curvature=_signed(best, best_dir, hvp, net) - gn,
         directions=count,
+        notes=_assumption_notes(probe, 1e-3),
     )
 
 
