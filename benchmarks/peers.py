@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.compounds import ResMLP
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -104,16 +103,13 @@ def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
 
 
 def modnorm_adam_output_scale(scale: float) -> ex.Builder:
-    """modnorm-adam on a ResMLP whose head is multiplied by ``scale`` (``output_scale``)."""
+    """modnorm-adam on a residual compound whose head is multiplied by ``scale``."""
 
     def build(
         cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
     ) -> Built:
-        if cfg.model != "resmlp":
-            raise ValueError(f"output_scale is a ResMLP option; this sweep has a {cfg.model}")
-        features = math.prod(data.in_shape)
-        model = ResMLP(features, data.num_classes, width, depth, output_scale=scale)
-        return model.to(device), [mn_optim.Adam(model, lr)]
+        model = ex.build_model(cfg, "modnorm-adam", width, depth, data, output_scale=scale)
+        return model.to(device), [mn_optim.Adam(cast(Module, model), lr)]
 
     return build
 
@@ -335,8 +331,8 @@ METHODS: dict[str, Method] = {
         Method(
             "modnorm-adam-logits4",
             modnorm_adam_output_scale(4.0),
-            ("resmlp",),
-            note="ResMLP(output_scale=4): logits × 4 (benchmarks/adam_gap.py)",
+            ("resmlp", "rescnn", "gpt"),
+            note="output_scale=4: logits × 4 (benchmarks/adam_gap.py)",
         ),
         Method(
             "modnorm-adam-calibrated",

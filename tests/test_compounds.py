@@ -162,7 +162,11 @@ def test_sharpness_of_compounds_follows_the_recursion() -> None:
     gamma = g1
     assert net.sharpness == pytest.approx((alpha, beta, gamma))
     assert mn.ResMLP(8, 4, 16, 2).sharpness is None  # Abs: not smooth
-    assert mn.GPT(11, 8, 16, 2, 1).sharpness is None  # attention: no constant derived
+    # attention by hand: the (q, k, v) tuple of Linears is (0, 1, 0) with μ = 3, ν = 3; after
+    # Mul(1/3) still (0, 1, 0) with ν = 1; CausalAttention (0, 0, 1) makes it (1, 2, 1); the
+    # output Linear (μ = 1: p1 = 3/4, p2 = 1/4): α = 9/16 + 2·3/16, β = 3/4·2 + 1/4, γ = 1
+    assert mn.Attention(16, 2).sharpness == pytest.approx((15 / 16, 7 / 4, 1.0))
+    assert mn.GPT(11, 8, 16, 2, 1).sharpness is not None
 
 
 def test_residual_masses_and_sensitivities() -> None:
@@ -196,19 +200,32 @@ def test_bad_compound_arguments() -> None:
         mn.ResMLP(3, 3, 8, num_blocks=0)
 
 
-def test_resmlp_output_scale_multiplies_the_logits_and_shifts_the_shares() -> None:
+@pytest.mark.parametrize(
+    ("make", "x"),
+    [
+        (lambda **kw: mn.ResMLP(16, 10, 32, num_blocks=2, **kw), lambda: torch.randn(5, 16)),
+        (lambda **kw: mn.ResCNN(3, 10, 8, num_blocks=2, **kw), lambda: torch.randn(2, 3, 6, 6)),
+        (lambda **kw: mn.GPT(11, 8, 16, 2, 2, **kw), lambda: torch.randint(0, 11, (2, 8))),
+    ],
+    ids=["resmlp", "rescnn", "gpt"],
+)
+def test_output_scale_multiplies_the_logits_and_shifts_the_shares(make, x) -> None:  # type: ignore[no-untyped-def]
     # μP's output multiplier: its sensitivity divides every atom's share of an update, so a
-    # step moves the weights 4× less for the same bound on the change of the logits.
+    # step moves the weights 4× less for the same bound on the change of the logits; the
+    # other weights are initialized as without it
     torch.manual_seed(0)
-    plain = mn.ResMLP(16, 10, 32, num_blocks=2)
+    plain = make()
     torch.manual_seed(0)
-    scaled = mn.ResMLP(16, 10, 32, num_blocks=2, output_scale=4.0)
-    x = torch.randn(5, 16)
-    torch.testing.assert_close(scaled(x), 4 * plain(x))
-    assert scaled.sensitivity == pytest.approx(4.0) and scaled.mass == plain.mass
+    scaled = make(output_scale=4.0)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(p, q)
+    batch = x()
+    torch.testing.assert_close(scaled(batch), 4 * plain(batch))
+    assert scaled.sensitivity == pytest.approx(4 * plain.sensitivity)
+    assert scaled.mass == plain.mass
     shares = [s for _, s in plain.atom_shares()]
     scaled_shares = [s for _, s in scaled.atom_shares()]
     assert scaled_shares == pytest.approx([s / 4 for s in shares])
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="output_scale"):
-            mn.ResMLP(16, 10, 32, num_blocks=2, output_scale=bad)
+            make(output_scale=bad)

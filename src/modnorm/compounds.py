@@ -42,6 +42,16 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+def _scaled_head(head: Module, output_scale: float) -> Module:
+    """``output_scale · head`` (built last, so the other weights' initialization does not
+    depend on it): μP's output multiplier; as a sensitivity it divides every
+    atom's share of an update by as much, so a step of the same ``lr`` moves the weights less
+    for the same bound on the change of the logits."""
+    if not (isinstance(output_scale, (int, float)) and 0 < output_scale < math.inf):
+        raise ValueError(f"output_scale must be a positive number, got {output_scale!r}")
+    return head if output_scale == 1.0 else output_scale * head
+
+
 def _residual(block: Module, num_blocks: int, share: float) -> Module:
     """``(1 − share)·Identity + share·block``."""
     return (1 - share) * Identity() + share * block
@@ -73,22 +83,15 @@ def ResMLP(  # noqa: N802
 ) -> Module:
     """Residual MLP: ``Linear ∘ blocks ∘ Linear ∘ Flatten``; each block is
     ``(MeanSubtract ∘ act ∘ Linear ∘ RMSDivide) ** block_depth`` (as the reference).
-    ``output_scale`` multiplies the logits (μP's output multiplier); as a sensitivity it
-    divides every atom's share of an update by as much, so a step of the same ``lr`` moves
-    the weights less for the same bound on the change of the logits."""
+    ``output_scale`` multiplies the logits (μP's output multiplier; benchmarks/RESULTS.md)."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
-    if not (output_scale > 0 and math.isfinite(output_scale)):
-        raise ValueError(f"output_scale must be a positive number, got {output_scale!r}")
     initial = Linear(in_features, width) @ Flatten()
     residue = MeanSubtract() @ _activation(activation) @ Linear(width, width) @ RMSDivide()
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    head: Module = Linear(width, out_features)
-    if output_scale != 1.0:
-        head = output_scale * head
-    return head @ blocks @ initial
+    return _scaled_head(Linear(width, out_features), output_scale) @ blocks @ initial
 
 
 def ResCNN(  # noqa: N802
@@ -100,10 +103,12 @@ def ResCNN(  # noqa: N802
     activation: str = "abs",
     kernel_size: int = 3,
     blocks_mass: float = 20.0,
+    output_scale: float = 1.0,
 ) -> Module:
     """Residual CNN on ``(B, C, H, W)`` images: ``Linear ∘ Flatten ∘ AvgPool ∘ blocks ∘ Conv2d``;
     each block is ``(MeanSubtract ∘ act ∘ Conv2d ∘ RMSDivide) ** block_depth`` with the RMS
-    taken over channels and pixels (as the reference, whose block mass is 20)."""
+    taken over channels and pixels (as the reference, whose block mass is 20).
+    ``output_scale`` multiplies the logits (as `ResMLP`'s)."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
@@ -117,7 +122,8 @@ def ResCNN(  # noqa: N802
     )
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    return Linear(width, out_features) @ Flatten() @ AvgPool() @ blocks @ initial
+    head = _scaled_head(Linear(width, out_features), output_scale)
+    return head @ Flatten() @ AvgPool() @ blocks @ initial
 
 
 def Attention(width: int, num_heads: int) -> Module:  # noqa: N802
@@ -138,10 +144,12 @@ def GPT(  # noqa: N802
     num_heads: int,
     num_blocks: int,
     blocks_mass: float = 5.0,
+    output_scale: float = 1.0,
 ) -> Module:
     """Decoder-only transformer on token indices ``(B, T)``, ``T ≤ context``, returning logits
     ``(B, T, vocab_size)``: pre-norm attention and GELU MLP blocks with residual weights
-    ``1/(2L)``, learned token and position embeddings (as the reference)."""
+    ``1/(2L)``, learned token and position embeddings (as the reference). ``output_scale``
+    multiplies the logits (as `ResMLP`'s)."""
     _positive("vocab_size", vocab_size)
     _positive("context", context)
     _positive("num_blocks", num_blocks)
@@ -153,4 +161,4 @@ def GPT(  # noqa: N802
     block = _residual(mlp, num_blocks, share) @ _residual(attention, num_blocks, share)
     blocks = block**num_blocks
     blocks.tare(blocks_mass)
-    return Linear(width, vocab_size) @ LayerNorm() @ blocks @ embed
+    return _scaled_head(Linear(width, vocab_size), output_scale) @ LayerNorm() @ blocks @ embed

@@ -119,22 +119,32 @@ Builder = Callable[
 
 
 def build_model(
-    cfg: SweepConfig, optimizer: str, width: int, depth: int, data: Dataset
+    cfg: SweepConfig,
+    optimizer: str,
+    width: int,
+    depth: int,
+    data: Dataset,
+    output_scale: float = 1.0,
 ) -> nn.Module:
     """The model of ``cfg`` at one scale: a modnorm compound for modnorm optimizers, the
-    same architecture in plain ``torch.nn`` (standard practice) for the others."""
+    same architecture in plain ``torch.nn`` (standard practice) for the others.
+    ``output_scale`` is the residual compounds' logit multiplier (modnorm only)."""
     modular = optimizer.startswith("modnorm")
+    if output_scale != 1.0 and not (modular and cfg.model in ("resmlp", "rescnn", "gpt")):
+        raise ValueError(f"output_scale is an option of modnorm's residual models, not {cfg.model}")
     classes = data.num_classes
     if cfg.model == "gpt":
         if modular:
-            return compounds.GPT(classes, cfg.context, width, cfg.num_heads, depth)
+            return compounds.GPT(
+                classes, cfg.context, width, cfg.num_heads, depth, output_scale=output_scale
+            )
         return baselines.TorchGPT(classes, cfg.context, width, cfg.num_heads, depth)
     shape = data.in_shape
     if cfg.model == "rescnn":
         if len(shape) != 3:
             raise ValueError("rescnn needs image data of shape (C, H, W)")
         if modular:
-            return compounds.ResCNN(shape[0], classes, width, depth)
+            return compounds.ResCNN(shape[0], classes, width, depth, output_scale=output_scale)
         return baselines.torch_rescnn(shape[0], classes, width, depth)
     features = math.prod(shape)
     if cfg.model == "mlp":
@@ -142,7 +152,7 @@ def build_model(
             return compounds.MLP(features, classes, width, depth + 1)
         return baselines.torch_mlp(features, classes, width, depth + 1)
     if modular:
-        return compounds.ResMLP(features, classes, width, depth)
+        return compounds.ResMLP(features, classes, width, depth, output_scale=output_scale)
     return baselines.torch_resmlp(features, classes, width, depth)
 
 
