@@ -3,6 +3,7 @@ process that sees the combined batch (float64, so agreement to 1e-6 is a real ch
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import json
 import os
@@ -298,12 +299,29 @@ def _async_checkpoint(rank: int, path: Path) -> dict[str, Any]:
     extra = load_checkpoint(path, opt)
     loaded = _state(opt)
     _train(net, opt, rank, WORLD, range(extra["step"], 2 * RESUME))
+    leftovers = sorted(p.name for p in path.parent.iterdir() if p.name != "async")
+
+    # a write that fails on rank 1 only: both ranks raise (none waits at a barrier for it),
+    # and the checkpoint already at the path stays the one that loads
+    failing = save_checkpoint_async(path, opt, extra={"step": 2 * RESUME})
+    failing._future.result()  # this rank's part is done; rank 1 then "fails"
+    if rank == 1:
+        failed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        failed.set_exception(OSError("disk full"))
+        failing._future = failed
+    try:
+        failing.wait()
+        raised = ""
+    except (OSError, RuntimeError) as e:
+        raised = f"{type(e).__name__}: {e}"
+    kept = load_checkpoint(path, OPTIMIZERS["adam"](_sharded(_net())))["step"]
     return {
         "saved": saved,
         "loaded": loaded,
         "uninterrupted": uninterrupted,
         "resumed": _full(net.parameters()),
-        "leftovers": sorted(p.name for p in path.parent.iterdir() if p.name != "async"),
+        "leftovers": leftovers,
+        "failed_save": {"raised": raised, "kept_step": kept},
     }
 
 
@@ -485,6 +503,10 @@ def test_an_asynchronous_checkpoint_holds_the_state_at_the_save_and_resumes_exac
         for i, (got, want) in enumerate(zip(ck["resumed"], ck["uninterrupted"], strict=True)):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"rank {rank}, param {i}")
         assert not [n for n in ck["leftovers"] if n.startswith("async.")]  # renamed into place
+        failed = ck["failed_save"]
+        assert failed["kept_step"] == RESUME
+        want = "OSError: disk full" if rank == 1 else "RuntimeError: the checkpoint"
+        assert failed["raised"].startswith(want), failed["raised"]
 
 
 def test_an_asynchronous_save_on_one_process_waits_for_the_one_before(tmp_path: Path) -> None:

@@ -518,12 +518,24 @@ class PendingSave:
 
     def wait(self) -> None:
         """Block until this rank's files are written, then finish the checkpoint (a collective:
-        every rank calls it). Idempotent."""
+        every rank calls it). A write that failed on any rank raises on every rank (its own
+        error where it failed) and leaves the previous checkpoint in place. Idempotent."""
         if self._done:
             return
         self._done = True
         _pending.pop(self._save.final, None)
-        self._future.result()  # re-raises a failed write
+        error: BaseException | None = None
+        try:
+            self._future.result()
+        except Exception as e:  # every rank must hear of it before anyone waits at a barrier
+            error = e
+        if _any_rank(error is not None, self._save.distributed):
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"the checkpoint {self._save.final} was not finished: another rank's write "
+                "failed (its error is raised there); the previous checkpoint still loads"
+            )
         self._save.finish()
 
 
@@ -746,6 +758,17 @@ def _single_process(distributed: bool) -> Iterator[None]:
 def _barrier(distributed: bool) -> None:
     if distributed:
         dist.barrier()
+
+
+def _any_rank(flag: bool, distributed: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a collective on the default group)."""
+    if not distributed:
+        return flag
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # ---- launching -----------------------------------------------------------------------------
