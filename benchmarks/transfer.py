@@ -124,6 +124,22 @@ SUITES: dict[str, list[Sweep]] = {
 }
 
 
+def select(sweeps: Sequence[Sweep], names: str | None, lrs: str | None) -> list[Sweep]:
+    """The sweeps named in ``names`` (all when ``None``), each on the grid ``lrs`` if given."""
+    chosen = list(sweeps)
+    if names is not None:
+        wanted = [n.strip() for n in names.split(",")]
+        known = [sw.name for sw in sweeps]
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ValueError(f"unknown sweep(s) {unknown}: this suite has {known}")
+        chosen = [sw for sw in sweeps if sw.name in wanted]
+    if lrs is not None:
+        grid = ex.parse_lrs(lrs)
+        chosen = [Sweep(sw.name, replace(sw.config, lrs=grid)) for sw in chosen]
+    return chosen
+
+
 def plan(sweep: Sweep, names: Sequence[str]) -> tuple[ex.SweepConfig, dict[str, str]]:
     """The sweep's config with the methods that can run it, and why the others cannot."""
     runnable, skipped = [], {}
@@ -344,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--suite", choices=sorted(SUITES), default="quick")
     p.add_argument("--out", help="output directory (default benchmarks/results/transfer/SUITE)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--sweeps", help="comma-separated subset of the suite's sweeps (by name)")
+    p.add_argument(
+        "--lrs", help="replace every sweep's lr grid, e.g. 2^-4:2^6 (say so beside the results)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")
@@ -370,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = "python -m benchmarks.transfer " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-        run_suite(SUITES[args.suite], out, methods, progress=not args.no_progress, command=command)
+        sweeps = select(SUITES[args.suite], args.sweeps, args.lrs)
+        run_suite(sweeps, out, methods, progress=not args.no_progress, command=command)
     print(report(load_suite(out)))
 
 

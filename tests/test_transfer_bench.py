@@ -101,6 +101,16 @@ def test_methods_without_the_model_or_depth_are_skipped() -> None:
         tr.plan(_tiny([8]), ["adam2"])
 
 
+def test_a_suite_can_be_narrowed_to_some_sweeps_on_another_grid() -> None:
+    suite = [_tiny([8]), _tiny([1, 2], "depth")]
+    (only,) = tr.select(suite, "tiny-depth", "2^-2:2^1")
+    assert only.name == "tiny-depth" and only.config.lrs == [0.25, 0.5, 1.0, 2.0]
+    assert only.config.values == [1, 2] and suite[1].config.lrs == [2.0**-4, 2.0**-1]
+    assert tr.select(suite, None, None) == suite
+    with pytest.raises(ValueError, match=r"unknown sweep\(s\) \['gpt-width'\]"):
+        tr.select(suite, "gpt-width", None)
+
+
 def test_modnorm_methods_go_through_the_shared_loop_unchanged() -> None:
     cfg, data = _tiny([8]).config, digits(input_noise=1.0)
     plain = ex.train_one(cfg, data, "modnorm-adam", 8, 2, 0.25, 0)
