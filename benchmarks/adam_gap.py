@@ -132,21 +132,27 @@ def main() -> None:
     jobs = [(n, args.width, args.blocks, k) for n in names for k in VARIANTS[n][2]]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
-    path = args.out / f"width{args.width}_blocks{args.blocks}.json"
-    if path.exists():  # a run of some variants replaces theirs and keeps the others'
-        kept = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in names]
+    title = f"ResMLP width {args.width}, {args.blocks} blocks; train loss (last 10 % of 200 steps)"
+    grids = {n: VARIANTS[n][2] for n in names}
+    report(rows, grids, title, args.out / f"width{args.width}_blocks{args.blocks}.json")
+
+
+def report(rows: list[dict[str, Any]], grids: dict[str, list[int]], title: str, path: Path) -> None:
+    """Print each variant's best lr and loss (``*``: on its grid's edge) and write ``path``;
+    variants not run this time keep their rows from an earlier file."""
+    if path.exists():
+        kept = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in grids]
         rows = kept + rows
-    print(f"ResMLP width {args.width}, {args.blocks} blocks; train loss (last 10 % of 200 "
-          "steps), seed 0")  # fmt: skip
+    print(f"{title}, seed 0")
     print("| variant | best lr | best train loss | at each lr |\n|---|---|---|---|")
-    for n in names:
+    for n, grid in grids.items():
         mine = [r for r in rows if r["variant"] == n]
         best = min(mine, key=lambda r: r["train_loss"])
         each = ", ".join(f"2^{r['log2_lr']}: {r['train_loss']:.3f}" for r in mine)
-        on_edge = best["log2_lr"] in (VARIANTS[n][2][0], VARIANTS[n][2][-1])
+        on_edge = best["log2_lr"] in (grid[0], grid[-1])
         print(f"| {n} | 2^{best['log2_lr']}{'*' if on_edge else ''} "
               f"| {best['train_loss']:.3f} | {each} |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"(* on the grid's edge) wrote {path}")
 

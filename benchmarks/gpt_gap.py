@@ -1,0 +1,121 @@
+"""Where the GPT's loss gap to Muon comes from (issue #6).
+
+On the transfer benchmark's GPT width sweep (Shakespeare characters, 300 steps of 12 windows
+of 64, linear decay, seed 0; the `models` suite) Muon on the ``torch.nn`` GPT reaches a
+training loss of 1.805 at width 256, modnorm-dual 1.882 and modnorm-adam 2.185. This trains
+one width under variants that each change one thing, on a small lr grid around each one's
+best:
+
+* the optimizer on modnorm's own GPT: ``torch.optim.Muon`` for the hidden matrices and AdamW
+  for the embeddings and the head, as the ``muon`` method does on the ``torch.nn`` GPT;
+* the network: more or less mass on the blocks (5 by default);
+* the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
+
+    python benchmarks/gpt_gap.py --jobs 2               # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import peers
+from benchmarks.adam_gap import report
+from benchmarks.transfer import SUITES
+from modnorm import compounds
+from modnorm import data as mn_data
+from modnorm import experiments as ex
+from modnorm import optim as mn_optim
+from modnorm.atoms import Embedding
+from modnorm.modules import Module
+
+CONFIG = next(s.config for s in SUITES["models"] if s.name == "gpt-width")
+
+Builder = Callable[[ex.SweepConfig, Any, int, int, float, str], Any]
+
+
+def _gpt(cfg: ex.SweepConfig, data: Any, width: int, depth: int, **kw: Any) -> Module:
+    return compounds.GPT(data.num_classes, cfg.context, width, cfg.num_heads, depth, **kw)
+
+
+def _modnorm(make_opt: Callable[[Module, float], Any], **gpt: Any) -> Builder:
+    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
+        net = _gpt(cfg, data, width, depth, **gpt)
+        return net, [make_opt(net, lr)]
+
+    return build
+
+
+def muon_on_modnorm_gpt(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
+    """``muon``'s split on modnorm's GPT: Muon for every Linear but the head, AdamW for the
+    embeddings and the head (the same lr for both, as the ``muon`` method)."""
+    net = _gpt(cfg, data, width, depth)
+    atoms = [a for a, _ in net.atom_shares()]
+    head = atoms[-1]
+    hidden = [a.weight for a in atoms if not isinstance(a, Embedding) and a is not head]
+    rest = [a.weight for a in atoms if isinstance(a, Embedding) or a is head]
+    muon = torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="match_rms_adamw")
+    return net, [torch.optim.AdamW(rest, lr=lr), muon]
+
+
+Variant = tuple[Builder, list[int]]
+VARIANTS: dict[str, Variant] = {
+    "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
+    "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4]),
+    "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),
+    "modnorm-adam": (_modnorm(lambda m, lr: mn_optim.Adam(m, lr)), [-2, -1, 0, 1]),
+    "modnorm-dual, blocks mass 20": (
+        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=20.0),
+        [-3, -2, -1, 0],
+    ),
+    "modnorm-dual, blocks mass 1": (
+        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=1.0),
+        [-3, -2, -1, 0],
+    ),
+}
+
+
+def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
+    name, width, blocks, k = job
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    build, _ = VARIANTS[name]
+    cfg = replace(CONFIG, depth=blocks)
+    data = mn_data.load(cfg.data)
+    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, 0, build=build)
+    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k,
+            "train_loss": r["train_loss"],
+            "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpt_gap")
+    args = parser.parse_args()
+    names = [v.strip() for v in args.variants.split(",")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+    jobs = [(n, args.width, args.blocks, k) for n in names for k in VARIANTS[n][1]]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.map(run, jobs, chunksize=1)
+    title = (
+        f"GPT width {args.width}, {args.blocks} blocks, Shakespeare; train loss (last 10 % of "
+        f"{CONFIG.steps} steps of {CONFIG.batch_size} × {CONFIG.context} characters)"
+    )
+    grids = {n: VARIANTS[n][1] for n in names}
+    report(rows, grids, title, args.out / f"width{args.width}_blocks{args.blocks}.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The GPT loss-gap ablation (``benchmarks/gpt_gap.py``): Muon's split of modnorm's GPT, the
+variants' networks, and one short run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpt_gap as gg
+from modnorm import experiments as ex
+from modnorm.atoms import Embedding, Linear
+
+
+class _Vocab:
+    num_classes = 11
+
+
+def test_muon_gets_the_hidden_matrices_of_modnorms_gpt() -> None:
+    net, (adamw, muon) = gg.muon_on_modnorm_gpt(gg.CONFIG, _Vocab(), 32, 2, 0.01, "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    groups = [[p for g in o.param_groups for p in g["params"]] for o in (adamw, muon)]
+    ids = [{id(p) for p in g} for g in groups]
+    assert not ids[0] & ids[1] and ids[0] | ids[1] == {id(p) for p in net.parameters()}
+    atoms = [a for a, _ in net.atom_shares()]
+    head = atoms[-1]
+    assert isinstance(head, Linear) and id(head.weight) in ids[0]
+    assert {id(a.weight) for a in atoms if isinstance(a, Embedding)} <= ids[0]
+    assert len(groups[1]) == 2 * (4 + 2)  # per block: q, k, v, out and the MLP's two
+
+
+def test_the_default_variants_are_the_benchmarks_gpt() -> None:
+    cfg, data = gg.CONFIG, _Vocab()
+    torch.manual_seed(0)
+    theirs = ex.build_model(cfg, "modnorm-dual", 32, 2, data)  # type: ignore[arg-type]
+    x = torch.randint(0, 11, (2, 16))
+    for name in ("modnorm-dual", "modnorm-adam", "modnorm-dual, blocks mass 20"):
+        torch.manual_seed(0)
+        net, _ = gg.VARIANTS[name][0](cfg, data, 32, 2, 0.1, "cpu")
+        assert torch.equal(net(x), theirs(x))
+        same_shares = [s for _, s in net.atom_shares()] == [s for _, s in theirs.atom_shares()]
+        assert same_shares == (name != "modnorm-dual, blocks mass 20")
+
+
+def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "abc.txt"
+    text.write_text("the cat sat on the mat. " * 400)
+    monkeypatch.setattr(gg, "CONFIG", replace(gg.CONFIG, data=f"text:{text}", steps=30))
+    r = gg.run(("modnorm-dual", 16, 1, -1))
+    assert r["variant"] == "modnorm-dual" and r["blocks"] == 1 and not r["diverged"]
+    assert 0 < r["train_loss"] < 2.0  # a repeated sentence of 10 characters: below chance
