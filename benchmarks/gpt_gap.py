@@ -11,7 +11,7 @@ best:
 * the network: more or less mass on the blocks (5 by default);
 * the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
 
-    python benchmarks/gpt_gap.py --jobs 2               # about 10 minutes on 2 cores
+    python -m benchmarks.gpt_gap --jobs 2               # about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
