@@ -70,11 +70,11 @@ VARIANTS: dict[str, Variant] = {
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4]),
     "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),
     "modnorm-adam": (_modnorm(lambda m, lr: mn_optim.Adam(m, lr)), [-2, -1, 0, 1]),
-    "modnorm-dual, blocks mass 20": (
+    "modnorm-dual with blocks mass 20": (
         _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=20.0),
         [-3, -2, -1, 0],
     ),
-    "modnorm-dual, blocks mass 1": (
+    "modnorm-dual with blocks mass 1": (
         _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=1.0),
         [-3, -2, -1, 0],
     ),

@@ -36,12 +36,12 @@ def test_the_default_variants_are_the_benchmarks_gpt() -> None:
     torch.manual_seed(0)
     theirs = ex.build_model(cfg, "modnorm-dual", 32, 2, data)  # type: ignore[arg-type]
     x = torch.randint(0, 11, (2, 16))
-    for name in ("modnorm-dual", "modnorm-adam", "modnorm-dual, blocks mass 20"):
+    for name in ("modnorm-dual", "modnorm-adam", "modnorm-dual with blocks mass 20"):
         torch.manual_seed(0)
         net, _ = gg.VARIANTS[name][0](cfg, data, 32, 2, 0.1, "cpu")
         assert torch.equal(net(x), theirs(x))
         same_shares = [s for _, s in net.atom_shares()] == [s for _, s in theirs.atom_shares()]
-        assert same_shares == (name != "modnorm-dual, blocks mass 20")
+        assert same_shares == (name != "modnorm-dual with blocks mass 20")
 
 
 def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
