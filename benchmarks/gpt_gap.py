@@ -8,7 +8,9 @@ best:
 
 * the optimizer on modnorm's own GPT: ``torch.optim.Muon`` for the hidden matrices and AdamW
   for the embeddings and the head, as the ``muon`` method does on the ``torch.nn`` GPT;
-* the network: more or less mass on the blocks (5 by default);
+* the network: more or less mass on the blocks (5 by default); nanoGPT's plain residuals
+  ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
+  attention scaling (modnorm's is ``1/d_head``);
 * the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
 
     python -m benchmarks.gpt_gap --jobs 2               # about 10 minutes on 2 cores
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from benchmarks import peers
 from benchmarks.adam_gap import report
@@ -32,8 +36,18 @@ from modnorm import compounds
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.atoms import Embedding
-from modnorm.modules import Module
+from modnorm.atoms import Embedding, Linear
+from modnorm.bonds import (
+    CausalAttention,
+    Identity,
+    LayerNorm,
+    MergeHeads,
+    Mul,
+    Positions,
+    ScaledGELU,
+    SplitHeads,
+)
+from modnorm.modules import Module, TupleModule
 
 CONFIG = next(s.config for s in SUITES["models"] if s.name == "gpt-width")
 
@@ -42,6 +56,52 @@ Builder = Callable[[ex.SweepConfig, Any, int, int, float, str], Any]
 
 def _gpt(cfg: ex.SweepConfig, data: Any, width: int, depth: int, **kw: Any) -> Module:
     return compounds.GPT(data.num_classes, cfg.context, width, cfg.num_heads, depth, **kw)
+
+
+class _SqrtAttention(CausalAttention):
+    """Causal attention with the usual ``1/√d_head`` scaling."""
+
+    def forward(self, x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        q, k, v = x
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def gpt(
+    vocab: int,
+    context: int,
+    width: int,
+    heads: int,
+    blocks: int,
+    residual: str = "convex",
+    embed: str = "half",
+    attention: str = "1/d",
+) -> Module:
+    """modnorm's GPT (the defaults: `compounds.GPT`, its weights drawn in the same order) with
+    a part changed that `compounds.GPT` has no option for."""
+    tok, pos = Embedding(vocab, width), Embedding(context, width) @ Positions()
+    embedding = 0.5 * tok + 0.5 * pos if embed == "half" else tok + pos
+    embedding.tare(1.0)
+    q, k, v = (SplitHeads(heads) @ Linear(width, width) for _ in range(3))
+    out = Linear(width, width) @ MergeHeads(heads)
+    bond = CausalAttention() if attention == "1/d" else _SqrtAttention()
+    attn = out @ bond @ Mul(1 / 3) @ TupleModule(q, k, v) @ LayerNorm()
+    mlp = Linear(4 * width, width) @ ScaledGELU() @ Linear(width, 4 * width) @ LayerNorm()
+    if residual == "convex":  # (1 − 1/(2L))·x + 1/(2L)·block(x)
+        share = 1 / (2 * blocks)
+        block = compounds._residual(mlp, blocks, share) @ compounds._residual(attn, blocks, share)
+    else:  # x + block(x), as nanoGPT
+        block = (Identity() + mlp) @ (Identity() + attn)
+    stack = block**blocks
+    stack.tare(5.0)
+    return Linear(width, vocab) @ LayerNorm() @ stack @ embedding
+
+
+def _variant(**kw: Any) -> Builder:
+    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
+        net = gpt(data.num_classes, cfg.context, width, cfg.num_heads, depth, **kw)
+        return net, [mn_optim.Dual(net, lr)]
+
+    return build
 
 
 def _modnorm(make_opt: Callable[[Module, float], Any], **gpt: Any) -> Builder:
@@ -67,7 +127,7 @@ def muon_on_modnorm_gpt(cfg: Any, data: Any, width: int, depth: int, lr: float, 
 Variant = tuple[Builder, list[int]]
 VARIANTS: dict[str, Variant] = {
     "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
-    "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4]),
+    "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
     "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),
     "modnorm-adam": (_modnorm(lambda m, lr: mn_optim.Adam(m, lr)), [-2, -1, 0, 1]),
     "modnorm-dual with blocks mass 20": (
@@ -76,8 +136,15 @@ VARIANTS: dict[str, Variant] = {
     ),
     "modnorm-dual with blocks mass 1": (
         _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=1.0),
-        [-3, -2, -1, 0],
+        [-3, -2, -1, 0, 1],
     ),
+    "modnorm-dual with blocks mass 80": (
+        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=80.0),
+        [-4, -3, -2, -1],
+    ),
+    "modnorm-dual with plain residuals": (_variant(residual="plain"), [-4, -3, -2, -1, 0]),
+    "modnorm-dual with tok + pos embeddings": (_variant(embed="sum"), [-3, -2, -1, 0]),
+    "modnorm-dual with 1/sqrt(d) attention": (_variant(attention="1/sqrt(d)"), [-3, -2, -1, 0]),
 }
 
 

@@ -44,6 +44,22 @@ def test_the_default_variants_are_the_benchmarks_gpt() -> None:
         assert same_shares == (name != "modnorm-dual with blocks mass 20")
 
 
+def test_the_hand_built_gpt_is_modnorms_and_each_option_changes_it() -> None:
+    torch.manual_seed(0)
+    ours = gg.gpt(11, 16, 32, 4, 2)
+    torch.manual_seed(0)
+    theirs = gg.compounds.GPT(11, 16, 32, 4, 2)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+    x = torch.randint(0, 11, (2, 16))
+    assert torch.equal(ours(x), theirs(x))
+    assert [s for _, s in ours.atom_shares()] == [s for _, s in theirs.atom_shares()]
+    for option in ({"residual": "plain"}, {"embed": "sum"}, {"attention": "1/sqrt(d)"}):
+        torch.manual_seed(0)
+        other = gg.gpt(11, 16, 32, 4, 2, **option)
+        assert not torch.allclose(other(x), theirs(x)), option
+
+
 def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text = tmp_path / "abc.txt"
     text.write_text("the cat sat on the mat. " * 400)
