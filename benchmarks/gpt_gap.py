@@ -142,9 +142,12 @@ VARIANTS: dict[str, Variant] = {
         _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=80.0),
         [-4, -3, -2, -1],
     ),
-    "modnorm-dual with plain residuals": (_variant(residual="plain"), [-4, -3, -2, -1, 0]),
+    "modnorm-dual with plain residuals": (_variant(residual="plain"), [-2, -1, 0, 1, 2, 3]),
     "modnorm-dual with tok + pos embeddings": (_variant(embed="sum"), [-3, -2, -1, 0]),
-    "modnorm-dual with 1/sqrt(d) attention": (_variant(attention="1/sqrt(d)"), [-3, -2, -1, 0]),
+    "modnorm-dual with 1/sqrt(d) attention": (
+        _variant(attention="1/sqrt(d)"),
+        [-6, -5, -4, -3, -2],
+    ),
 }
 
 
