@@ -13,7 +13,7 @@ best:
   attention scaling (modnorm's is ``1/d_head``);
 * the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
 
-    python -m benchmarks.gpt_gap --jobs 2               # about 10 minutes on 2 cores
+    python -m benchmarks.gpt_gap --jobs 2               # about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
