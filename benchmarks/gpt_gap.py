@@ -10,7 +10,7 @@ best:
   for the embeddings and the head, as the ``muon`` method does on the ``torch.nn`` GPT;
 * the network: more or less mass on the blocks (5 by default); nanoGPT's plain residuals
   ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
-  attention scaling (modnorm's is ``1/d_head``);
+  attention scaling (modnorm's is ``1/d_head``); queries, keys and values not scaled by 1/3;
 * the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
 
     python -m benchmarks.gpt_gap --jobs 2               # about 20 minutes on 2 cores
@@ -75,6 +75,7 @@ def gpt(
     residual: str = "convex",
     embed: str = "half",
     attention: str = "1/d",
+    qkv_scale: float = 1 / 3,
 ) -> Module:
     """modnorm's GPT (the defaults: `compounds.GPT`, its weights drawn in the same order) with
     a part changed that `compounds.GPT` has no option for."""
@@ -84,7 +85,7 @@ def gpt(
     q, k, v = (SplitHeads(heads) @ Linear(width, width) for _ in range(3))
     out = Linear(width, width) @ MergeHeads(heads)
     bond = CausalAttention() if attention == "1/d" else _SqrtAttention()
-    attn = out @ bond @ Mul(1 / 3) @ TupleModule(q, k, v) @ LayerNorm()
+    attn = out @ bond @ Mul(qkv_scale) @ TupleModule(q, k, v) @ LayerNorm()
     mlp = Linear(4 * width, width) @ ScaledGELU() @ Linear(width, 4 * width) @ LayerNorm()
     if residual == "convex":  # (1 − 1/(2L))·x + 1/(2L)·block(x)
         share = 1 / (2 * blocks)
@@ -144,6 +145,7 @@ VARIANTS: dict[str, Variant] = {
     ),
     "modnorm-dual with plain residuals": (_variant(residual="plain"), [-2, -1, 0, 1, 2, 3]),
     "modnorm-dual with tok + pos embeddings": (_variant(embed="sum"), [-3, -2, -1, 0]),
+    "modnorm-dual with unscaled qkv": (_variant(qkv_scale=1.0), [-3, -2, -1, 0]),
     "modnorm-dual with 1/sqrt(d) attention": (
         _variant(attention="1/sqrt(d)"),
         [-6, -5, -4, -3, -2],

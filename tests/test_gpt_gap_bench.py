@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import adam_gap as ag
 from benchmarks import gpt_gap as gg
 from modnorm import experiments as ex
 from modnorm.atoms import Embedding, Linear
@@ -54,7 +55,13 @@ def test_the_hand_built_gpt_is_modnorms_and_each_option_changes_it() -> None:
     x = torch.randint(0, 11, (2, 16))
     assert torch.equal(ours(x), theirs(x))
     assert [s for _, s in ours.atom_shares()] == [s for _, s in theirs.atom_shares()]
-    for option in ({"residual": "plain"}, {"embed": "sum"}, {"attention": "1/sqrt(d)"}):
+    options = (
+        {"residual": "plain"},
+        {"embed": "sum"},
+        {"attention": "1/sqrt(d)"},
+        {"qkv_scale": 1.0},
+    )
+    for option in options:
         torch.manual_seed(0)
         other = gg.gpt(11, 16, 32, 4, 2, **option)
         assert not torch.allclose(other(x), theirs(x)), option
@@ -67,3 +74,8 @@ def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     r = gg.run(("modnorm-dual", 16, 1, -1))
     assert r["variant"] == "modnorm-dual" and r["blocks"] == 1 and not r["diverged"]
     assert 0 < r["train_loss"] < 2.0  # a repeated sentence of 10 characters: below chance
+
+
+def test_variant_names_can_be_given_on_the_command_line() -> None:
+    # --variants is comma-separated
+    assert not [n for n in (*gg.VARIANTS, *ag.VARIANTS) if "," in n]
