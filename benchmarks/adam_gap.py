@@ -117,24 +117,32 @@ def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=1024)
+def ablate(
+    description: str,
+    grids: dict[str, list[int]],
+    run: Callable[[tuple[str, int, int, int]], dict[str, Any]],
+    width: int,
+    out: Path,
+    title: Callable[[int, int], str],
+) -> None:
+    """The command line of an ablation: run the chosen variants over their lr grids
+    (``grids``: log2 lrs by variant) in a pool of processes, then `report` them."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--width", type=int, default=width)
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--variants", default=",".join(grids), help="comma-separated")
     parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "adam_gap")
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
     names = [v.strip() for v in args.variants.split(",")]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in grids]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-    jobs = [(n, args.width, args.blocks, k) for n in names for k in VARIANTS[n][2]]
+        parser.error(f"unknown variant(s) {unknown}: choose from {list(grids)}")
+    jobs = [(n, args.width, args.blocks, k) for n in names for k in grids[n]]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
-    title = f"ResMLP width {args.width}, {args.blocks} blocks; train loss (last 10 % of 200 steps)"
-    grids = {n: VARIANTS[n][2] for n in names}
-    report(rows, grids, title, args.out / f"width{args.width}_blocks{args.blocks}.json")
+    path = args.out / f"width{args.width}_blocks{args.blocks}.json"
+    report(rows, {n: grids[n] for n in names}, title(args.width, args.blocks), path)
 
 
 def report(rows: list[dict[str, Any]], grids: dict[str, list[int]], title: str, path: Path) -> None:
@@ -155,6 +163,17 @@ def report(rows: list[dict[str, Any]], grids: dict[str, list[int]], title: str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"(* on the grid's edge) wrote {path}")
+
+
+def main() -> None:
+    ablate(
+        __doc__.splitlines()[0],
+        {name: grid for name, (_, _, grid) in VARIANTS.items()},
+        run,
+        1024,
+        Path(__file__).parent / "results" / "adam_gap",
+        lambda w, b: f"ResMLP width {w}, {b} blocks; train loss (last 10 % of 200 steps)",
+    )
 
 
 if __name__ == "__main__":

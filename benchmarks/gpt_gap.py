@@ -18,8 +18,6 @@ best:
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing as mp
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks import peers
-from benchmarks.adam_gap import report
+from benchmarks.adam_gap import ablate
 from benchmarks.transfer import SUITES
 from modnorm import compounds
 from modnorm import data as mn_data
@@ -167,26 +165,17 @@ def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gpt_gap")
-    args = parser.parse_args()
-    names = [v.strip() for v in args.variants.split(",")]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-    jobs = [(n, args.width, args.blocks, k) for n in names for k in VARIANTS[n][1]]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        rows = pool.map(run, jobs, chunksize=1)
-    title = (
-        f"GPT width {args.width}, {args.blocks} blocks, Shakespeare; train loss (last 10 % of "
-        f"{CONFIG.steps} steps of {CONFIG.batch_size} × {CONFIG.context} characters)"
+    ablate(
+        __doc__.splitlines()[0],
+        {name: grid for name, (_, grid) in VARIANTS.items()},
+        run,
+        256,
+        Path(__file__).parent / "results" / "gpt_gap",
+        lambda w, b: (
+            f"GPT width {w}, {b} blocks, Shakespeare; train loss (last 10 % of {CONFIG.steps} "
+            f"steps of {CONFIG.batch_size} × {CONFIG.context} characters)"
+        ),
     )
-    grids = {n: VARIANTS[n][1] for n in names}
-    report(rows, grids, title, args.out / f"width{args.width}_blocks{args.blocks}.json")
 
 
 if __name__ == "__main__":
