@@ -11,7 +11,8 @@ best:
 * the network: more or less mass on the blocks (5 by default); nanoGPT's plain residuals
   ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
   attention scaling (modnorm's is ``1/d_head``); queries, keys and values not scaled by 1/3;
-* the references: ``muon`` on the ``torch.nn`` GPT, modnorm-dual and modnorm-adam.
+* the references: ``muon`` on the ``torch.nn`` GPT (and on it without biases and LayerNorm
+  gains), modnorm-dual and modnorm-adam.
 
     python -m benchmarks.gpt_gap --jobs 2               # about 20 minutes on 2 cores
 """
@@ -123,9 +124,33 @@ def muon_on_modnorm_gpt(cfg: Any, data: Any, width: int, depth: int, lr: float, 
     return net, [torch.optim.AdamW(rest, lr=lr), muon]
 
 
+def muon_without_biases_or_gains(
+    cfg: Any, data: Any, width: int, depth: int, lr: float, device: str
+) -> Any:
+    """``muon`` on the ``torch.nn`` GPT with its biases held at 0 and its LayerNorm gains at 1
+    (as modnorm's GPT, which has neither)."""
+    model = peers._plain(cfg, data, width, depth)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) and m.bias is not None:
+                m.bias.zero_()
+                m.bias.requires_grad_(False)
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.requires_grad_(False)
+    hidden = list(peers._hidden_matrices(model))
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    muon = torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="match_rms_adamw")
+    return model, [torch.optim.AdamW(rest, lr=lr), muon]
+
+
 Variant = tuple[Builder, list[int]]
 VARIANTS: dict[str, Variant] = {
     "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
+    "muon on the torch.nn GPT without biases or gains": (
+        muon_without_biases_or_gains,
+        [-7, -6, -5, -4],
+    ),
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
     "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),
     "modnorm-adam": (_modnorm(lambda m, lr: mn_optim.Adam(m, lr)), [-2, -1, 0, 1]),

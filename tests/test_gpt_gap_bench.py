@@ -32,6 +32,15 @@ def test_muon_gets_the_hidden_matrices_of_modnorms_gpt() -> None:
     assert len(groups[1]) == 2 * (4 + 2)  # per block: q, k, v, out and the MLP's two
 
 
+def test_without_biases_or_gains_only_the_matrices_and_embeddings_train() -> None:
+    model, (adamw, muon) = gg.muon_without_biases_or_gains(gg.CONFIG, _Vocab(), 32, 2, 0.01, "cpu")
+    trained = {id(p) for o in (adamw, muon) for g in o.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in trained) == (p.ndim == 2), name
+        if p.ndim == 1:
+            assert not p.requires_grad and float(p.abs().max()) in (0.0, 1.0), name
+
+
 def test_the_default_variants_are_the_benchmarks_gpt() -> None:
     cfg, data = gg.CONFIG, _Vocab()
     torch.manual_seed(0)
