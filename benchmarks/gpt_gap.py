@@ -149,7 +149,7 @@ VARIANTS: dict[str, Variant] = {
     "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
     "muon on the torch.nn GPT without biases or gains": (
         muon_without_biases_or_gains,
-        [-7, -6, -5, -4],
+        [-9, -8, -7, -6, -5, -4],
     ),
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
     "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),

@@ -37,6 +37,7 @@ import os
 import shutil
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -540,16 +541,20 @@ class PendingSave:
 
 
 _pending: dict[Path, PendingSave] = {}  # unfinished asynchronous saves, by final path
-_checkpoint_groups: list[tuple[Any, dist.ProcessGroup]] = []  # (default group, its gloo twin)
+# (default group, its gloo twin), weakly: torch's registry owns both, so destroy_process_group
+# frees them while the interpreter is alive, not at its teardown (gloo's threads abort there)
+_checkpoint_groups: list[tuple[weakref.ref[Any], weakref.ref[dist.ProcessGroup]]] = []
 
 
 def _checkpoint_group() -> dist.ProcessGroup:
     """A gloo group over the default group's ranks, made once per default group (kept with
     it, not by its id: a new default group may reuse a destroyed one's id)."""
     world = dist.group.WORLD
-    if not _checkpoint_groups or _checkpoint_groups[0][0] is not world:
-        _checkpoint_groups[:] = [(world, dist.new_group(backend="gloo"))]
-    return _checkpoint_groups[0][1]
+    twin = _checkpoint_groups[0][1]() if _checkpoint_groups else None
+    if twin is None or _checkpoint_groups[0][0]() is not world:
+        twin = dist.new_group(backend="gloo")
+        _checkpoint_groups[:] = [(weakref.ref(world), weakref.ref(twin))]
+    return twin
 
 
 class _SaveTarget:
