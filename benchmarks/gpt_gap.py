@@ -12,7 +12,7 @@ best:
   ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
   attention scaling (modnorm's is ``1/d_head``); queries, keys and values not scaled by 1/3;
 * the references: ``muon`` on the ``torch.nn`` GPT (and on it without biases and LayerNorm
-  gains), modnorm-dual and modnorm-adam.
+  gains, or initialized as modnorm's GPT), modnorm-dual and modnorm-adam.
 
     python -m benchmarks.gpt_gap --jobs 2               # about 20 minutes on 2 cores
 """
@@ -144,12 +144,33 @@ def muon_without_biases_or_gains(
     return model, [torch.optim.AdamW(rest, lr=lr), muon]
 
 
+def muon_with_modnorms_init(
+    cfg: Any, data: Any, width: int, depth: int, lr: float, device: str
+) -> Any:
+    """``muon`` on the ``torch.nn`` GPT initialized as modnorm's: every Linear weight
+    ``√(out/in)`` times an orthogonal matrix (modnorm's scale factor folded in), every
+    embedding row of RMS 1; biases and gains as PyTorch sets them."""
+    model, opts = peers.muon(cfg, data, width, depth, lr, device)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.orthogonal_(m.weight)
+                m.weight.mul_((m.out_features / m.in_features) ** 0.5)
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.div_(m.weight.square().mean(1, keepdim=True).sqrt())
+    return model, opts
+
+
 Variant = tuple[Builder, list[int]]
 VARIANTS: dict[str, Variant] = {
     "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
     "muon on the torch.nn GPT without biases or gains": (
         muon_without_biases_or_gains,
         [-9, -8, -7, -6, -5, -4],
+    ),
+    "muon on the torch.nn GPT with modnorm's init": (
+        muon_with_modnorms_init,
+        [-8, -7, -6, -5, -4],
     ),
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
     "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),

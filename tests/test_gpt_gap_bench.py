@@ -41,6 +41,18 @@ def test_without_biases_or_gains_only_the_matrices_and_embeddings_train() -> Non
             assert not p.requires_grad and float(p.abs().max()) in (0.0, 1.0), name
 
 
+def test_modnorms_init_makes_rms_preserving_matrices_and_unit_rows() -> None:
+    model, _ = gg.muon_with_modnorms_init(gg.CONFIG, _Vocab(), 32, 2, 0.01, "cpu")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            s = torch.linalg.svdvals(m.weight)
+            want = (m.out_features / m.in_features) ** 0.5
+            assert torch.allclose(s[: min(m.weight.shape)], torch.full_like(s, want), rtol=1e-4)
+        elif isinstance(m, torch.nn.Embedding):
+            rms = m.weight.square().mean(1).sqrt()
+            assert torch.allclose(rms, torch.ones_like(rms), rtol=1e-5)
+
+
 def test_the_default_variants_are_the_benchmarks_gpt() -> None:
     cfg, data = gg.CONFIG, _Vocab()
     torch.manual_seed(0)
