@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
+from modnorm.compounds import GPT
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -120,6 +121,19 @@ def modnorm_dual_mixed(
     """modnorm-dual with Newton–Schulz in bfloat16 but for its last step (as Muon does)."""
     model = ex.build_model(cfg, "modnorm-dual", width, depth, data).to(device)
     return model, [mn_optim.Dual(cast(Module, model), lr, precision="mixed")]
+
+
+def modnorm_dual_gpt_blocks_mass(mass: float) -> ex.Builder:
+    """modnorm-dual on a GPT whose residual blocks carry mass ``mass`` (5 by default)."""
+
+    def build(
+        cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+    ) -> Built:
+        classes = data.num_classes
+        model = GPT(classes, cfg.context, width, cfg.num_heads, depth, blocks_mass=mass)
+        return model.to(device), [mn_optim.Dual(model, lr)]
+
+    return build
 
 
 # ---- μP ----------------------------------------------------------------------------------------
@@ -327,6 +341,12 @@ METHODS: dict[str, Method] = {
             modnorm_dual_mixed,
             ALL_MODELS,
             note="modnorm-dual, Newton–Schulz in bfloat16 but for its last step",
+        ),
+        Method(
+            "modnorm-dual-blocks20",
+            modnorm_dual_gpt_blocks_mass(20.0),
+            ("gpt",),
+            note="modnorm-dual on GPT(blocks_mass=20) (benchmarks/gpt_gap.py)",
         ),
         Method(
             "modnorm-adam-logits4",
