@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,6 @@ from modnorm.modules import Module, TupleModule
 CONFIG = next(s.config for s in SUITES["models"] if s.name == "gpt-width")
 
 Builder = Callable[[ex.SweepConfig, Any, int, int, float, str], Any]
-
-
-def _gpt(cfg: ex.SweepConfig, data: Any, width: int, depth: int, **kw: Any) -> Module:
-    return compounds.GPT(data.num_classes, cfg.context, width, cfg.num_heads, depth, **kw)
 
 
 class _SqrtAttention(CausalAttention):
@@ -104,18 +100,10 @@ def _variant(**kw: Any) -> Builder:
     return build
 
 
-def _modnorm(make_opt: Callable[[Module, float], Any], **gpt: Any) -> Builder:
-    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
-        net = _gpt(cfg, data, width, depth, **gpt)
-        return net, [make_opt(net, lr)]
-
-    return build
-
-
 def muon_on_modnorm_gpt(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
     """``muon``'s split on modnorm's GPT: Muon for every Linear but the head, AdamW for the
     embeddings and the head (the same lr for both, as the ``muon`` method)."""
-    net = _gpt(cfg, data, width, depth)
+    net = cast(Module, ex.build_model(cfg, "modnorm-dual", width, depth, data))
     atoms = [a for a, _ in net.atom_shares()]
     head = atoms[-1]
     hidden = [a.weight for a in atoms if not isinstance(a, Embedding) and a is not head]
@@ -173,18 +161,18 @@ VARIANTS: dict[str, Variant] = {
         [-8, -7, -6, -5, -4],
     ),
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
-    "modnorm-dual": (_modnorm(lambda m, lr: mn_optim.Dual(m, lr)), [-3, -2, -1, 0]),
-    "modnorm-adam": (_modnorm(lambda m, lr: mn_optim.Adam(m, lr)), [-2, -1, 0, 1]),
+    "modnorm-dual": (peers.modnorm_method("modnorm-dual"), [-3, -2, -1, 0]),
+    "modnorm-adam": (peers.modnorm_method("modnorm-adam"), [-2, -1, 0, 1]),
     "modnorm-dual with blocks mass 20": (
-        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=20.0),
+        peers.modnorm_dual_gpt_blocks_mass(20.0),
         [-3, -2, -1, 0],
     ),
     "modnorm-dual with blocks mass 1": (
-        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=1.0),
+        peers.modnorm_dual_gpt_blocks_mass(1.0),
         [-3, -2, -1, 0, 1],
     ),
     "modnorm-dual with blocks mass 80": (
-        _modnorm(lambda m, lr: mn_optim.Dual(m, lr), blocks_mass=80.0),
+        peers.modnorm_dual_gpt_blocks_mass(80.0),
         [-4, -3, -2, -1],
     ),
     "modnorm-dual with plain residuals": (_variant(residual="plain"), [-2, -1, 0, 1, 2, 3]),
