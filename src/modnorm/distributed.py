@@ -530,7 +530,10 @@ class PendingSave:
             self._future.result()
         except Exception as e:  # every rank must hear of it before anyone waits at a barrier
             error = e
-        if _any_rank(error is not None, self._save.distributed):
+        failed = error is not None
+        if self._save.distributed:
+            failed = _any_rank(failed)
+        if failed:
             if error is not None:
                 raise error
             raise RuntimeError(
@@ -765,14 +768,11 @@ def _barrier(distributed: bool) -> None:
         dist.barrier()
 
 
-def _any_rank(flag: bool, distributed: bool) -> bool:
-    """Whether ``flag`` holds on any rank (a collective on the default group)."""
-    if not distributed:
-        return flag
-    on_gpu = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank: a collective on the checkpoints' gloo group (a CPU
+    tensor under any backend; each rank's background writes on it have ended by now)."""
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_checkpoint_group())
     return bool(t.item())
 
 

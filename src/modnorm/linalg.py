@@ -119,7 +119,9 @@ def _full_precision(*devices: torch.device) -> Iterator[None]:
     would otherwise run the norms' and dual maps' matmuls in bfloat16 (normalize off by
     ~2e-3, dualize by ~3e-2)."""
     kinds = {d.type for d in devices}
-    on = sorted(k for k in kinds if torch.amp.is_autocast_available(k) and _autocasting(k))
+    on = sorted(
+        k for k in kinds if torch.amp.is_autocast_available(k) and torch.is_autocast_enabled(k)
+    )
     if not on:  # the common case: nothing to turn off, no context to pay for
         yield
         return
@@ -127,10 +129,6 @@ def _full_precision(*devices: torch.device) -> Iterator[None]:
         for kind in on:
             stack.enter_context(torch.autocast(kind, enabled=False))
         yield
-
-
-def _autocasting(kind: str) -> bool:
-    return bool(torch.is_autocast_enabled(kind))
 
 
 # A run of one batch yields the device tensors its host side needs, receives them as float64
