@@ -4,7 +4,7 @@ u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr
     python -m benchmarks.transfer --suite quick     # ResMLP width and depth, 1 seed
     python -m benchmarks.transfer --suite quick3    # the same, 3 seeds
     python -m benchmarks.transfer --suite wide      # ResMLP width 32 and 1024, 1 seed
-    python -m benchmarks.transfer --suite models    # ResCNN and GPT width, 1 seed
+    python -m benchmarks.transfer --suite models    # ResCNN and GPT width and depth, 1 seed
     python -m benchmarks.transfer --suite full      # the published grid (resumable)
     python -m benchmarks.transfer --suite quick --table   # print the tables of saved results
     python -m benchmarks.transfer --refresh-docs    # docs/transfer.md's tables from the JSON
@@ -71,39 +71,39 @@ def _resmlp(widths: list[int], depths: list[int], lrs: str, steps: int, seeds: i
     ]
 
 
-def _rescnn(widths: list[int], lrs: str, seeds: int) -> Sweep:
-    return Sweep(
-        "rescnn-width",
-        _cfg(
-            model="rescnn",
-            data="digits",
-            scale="width",
-            values=widths,
-            lrs=ex.parse_lrs(lrs),
-            steps=200,
-            seeds=seeds,
-            input_noise=NOISE,
-            depth=2,
-        ),
+def _rescnn(widths: list[int], depths: list[int], lrs: str, seeds: int) -> list[Sweep]:
+    common = dict(
+        model="rescnn",
+        data="digits",
+        lrs=ex.parse_lrs(lrs),
+        steps=200,
+        seeds=seeds,
+        input_noise=NOISE,
+        depth=2,
     )
+    sweeps = [Sweep("rescnn-width", _cfg(scale="width", values=widths, **common))]
+    if depths:  # at the width sweeps' smallest width
+        sweeps.append(Sweep("rescnn-depth", _cfg(scale="depth", values=depths, width=16, **common)))
+    return sweeps
 
 
-def _gpt(widths: list[int], lrs: str) -> Sweep:
-    return Sweep(
-        "gpt-width",  # CPU: a reduced budget (300 steps of 12 × 64 characters)
-        _cfg(
-            model="gpt",
-            data=f"text:{SHAKESPEARE}",
-            scale="width",
-            values=widths,
-            lrs=ex.parse_lrs(lrs),
-            steps=300,
-            batch_size=12,
-            seeds=1,
-            depth=2,
-            context=64,
-        ),
+def _gpt(widths: list[int], depths: list[int], lrs: str) -> list[Sweep]:
+    # CPU: a reduced budget (300 steps of 12 × 64 characters).
+    common = dict(
+        model="gpt",
+        data=f"text:{SHAKESPEARE}",
+        lrs=ex.parse_lrs(lrs),
+        steps=300,
+        batch_size=12,
+        seeds=1,
+        width=64,
+        depth=2,
+        context=64,
     )
+    sweeps = [Sweep("gpt-width", _cfg(scale="width", values=widths, **common))]
+    if depths:
+        sweeps.append(Sweep("gpt-depth", _cfg(scale="depth", values=depths, **common)))
+    return sweeps
 
 
 SUITES: dict[str, list[Sweep]] = {
@@ -113,13 +113,17 @@ SUITES: dict[str, list[Sweep]] = {
     "quick3": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=3),
     # The 32× width of issue #6's target at the quick suite's grid and budget, one seed.
     "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1)[:1],
-    # The other two models at 4× width, the quick suite's grid, one seed.
-    "models": [_rescnn([16, 64], "2^-11:2^3", 1), _gpt([64, 256], "2^-11:2^3")],
+    # The other two models at 4× width and 4× (GPT) or 8× (ResCNN) depth, the quick suite's
+    # grid, one seed.
+    "models": [
+        *_rescnn([16, 64], [2, 16], "2^-11:2^3", 1),
+        *_gpt([64, 256], [2, 8], "2^-11:2^3"),
+    ],
     # The published grid (issue #6): 32× width, 16× depth, 3 seeds, a 1-octave grid.
     "full": [
         *_resmlp([32, 64, 128, 256, 512, 1024], [2, 4, 8, 16, 32], "2^-14:2^3", 200, 3),
-        _rescnn([16, 32, 64, 128], "2^-14:2^3", 3),
-        _gpt([64, 128, 256], "2^-14:2^3"),
+        *_rescnn([16, 32, 64, 128], [2, 4, 8, 16], "2^-14:2^3", 3),
+        *_gpt([64, 128, 256], [2, 4, 8], "2^-14:2^3"),
     ],
 }
 

@@ -32,7 +32,7 @@ WORLD = 2
 STEPS = 20
 RESUME = 4  # checkpoint tests: steps before the checkpoint, and after it
 CHECKPOINTED = ("sgd", "adam", "dual", "radam")
-TALL = ("adam", "dual")  # normalize and dualize of a matrix split across ranks
+SPLIT = ("adam", "dual")  # normalize and dualize of a matrix split across ranks
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda m: mn.optim.SGD(m, lr=0.1, momentum=0.9),
     "adam": lambda m: mn.optim.Adam(m, lr=0.1),
@@ -66,6 +66,21 @@ def _tall_net() -> mn.Module:
         return mn.Linear(300, 5) @ mn.GELU() @ mn.Linear(120, 300) @ mn.GELU() @ mn.Linear(12, 120)
     finally:
         torch.set_default_dtype(default)
+
+
+def _wide_net() -> mn.Module:
+    # The same with a 120 × 300 matrix: FSDP2 cuts its short side (rows), so the ranks
+    # reshard it along its columns to share the 120 × 120 Gram matrix of its rows.
+    torch.manual_seed(1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return mn.Linear(120, 5) @ mn.GELU() @ mn.Linear(300, 120) @ mn.GELU() @ mn.Linear(12, 300)
+    finally:
+        torch.set_default_dtype(default)
+
+
+SPLIT_NETS = {"tall": (_tall_net, (300, 120)), "wide": (_wide_net, (120, 300))}
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,19 +195,24 @@ def _fsdp(rank: int) -> dict[str, Any]:
             for o, g in zip(out, sharded, strict=True)
         ]
 
-    # one matrix too large for an even share: every rank computes its own rows of it
+    # one matrix too large for an even share: every rank computes its own slice of it
     from modnorm.distributed import _split_atoms
 
-    sharded = [distribute_tensor(g, mesh, [Shard(0)]) for g in _grads(_tall_net)]
-    result["tall_split"] = sorted(_split_atoms(_tall_net(), sharded, WORLD))
-    result["tall_maps"] = _maps(_tall_net(), sharded)
-    with warnings.catch_warnings():  # bfloat16 is emulated on this CPU: slow, and said so
-        warnings.simplefilter("ignore", RuntimeWarning)
-        result["tall_mixed"] = _full(_tall_net().dualize(sharded, 0.3, precision="mixed"))
-    for name in TALL:
-        net = _sharded(_tall_net())
-        _train(net, OPTIMIZERS[name](net), rank, WORLD)
-        result[f"tall_{name}"] = _full(net.parameters())
+    for kind, (make_net, _) in SPLIT_NETS.items():
+        for dim in (0, 1):
+            sharded = [distribute_tensor(g, mesh, [Shard(dim)]) for g in _grads(make_net)]
+            result[f"{kind}_split{dim}"] = sorted(_split_atoms(make_net(), sharded, WORLD))
+            result[f"{kind}_maps{dim}"] = _maps(make_net(), sharded)
+            result[f"{kind}_layout{dim}"] = [
+                d.placements == (Shard(dim),) for d in make_net().dualize(sharded, 0.3)
+            ]
+        with warnings.catch_warnings():  # bfloat16 is emulated on this CPU: slow, and said so
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result[f"{kind}_mixed"] = _full(make_net().dualize(sharded, 0.3, precision="mixed"))
+        for name in SPLIT:
+            net = _sharded(make_net())
+            _train(net, OPTIMIZERS[name](net), rank, WORLD)
+            result[f"{kind}_{name}"] = _full(net.parameters())
 
     def error(fn: Callable[[], Any]) -> str:
         try:
@@ -735,31 +755,37 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     assert (tmp_path / "one" / "checkpoint").is_dir()
 
 
+@pytest.mark.parametrize("kind", list(SPLIT_NETS))
 def test_a_matrix_larger_than_an_even_share_is_computed_by_every_rank(
-    runs: list[dict[str, Any]],
+    kind: str, runs: list[dict[str, Any]]
 ) -> None:
-    # Its norm from the all-reduced Gram matrix, its dual map by Newton–Schulz on each rank's
-    # rows: the same maps and the same training as one process, without gathering it.
-    shapes = [tuple(atom.weight.shape) for atom, _ in _tall_net().atom_shares()]
-    want = _maps(_tall_net(), _grads(_tall_net))
+    # Its norm from the all-reduced Gram matrix of its short side, its dual map by
+    # Newton–Schulz on each rank's slice of its long side: the same maps and the same
+    # training as one process, without gathering it, however it was sharded.
+    make_net, big = SPLIT_NETS[kind]
+    shapes = [tuple(atom.weight.shape) for atom, _ in make_net().atom_shares()]
+    want = _maps(make_net(), _grads(make_net))
     reference = {}
-    for name in TALL:
-        net = _tall_net()
+    for name in SPLIT:
+        net = make_net()
         _train(net, OPTIMIZERS[name](net), 0, 1)
         reference[name] = _full(net.parameters())
     for run in runs:
         got = run["fsdp"]
-        assert got["tall_split"] == [shapes.index((300, 120))]
-        torch.testing.assert_close(got["tall_maps"]["norm"], want["norm"], rtol=1e-5, atol=0)
-        for g, w in zip(got["tall_maps"]["normalize"], want["normalize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
-        for g, w in zip(got["tall_maps"]["dualize"], want["dualize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)  # the sums' order, no more
+        for dim in (0, 1):
+            assert got[f"{kind}_split{dim}"] == [shapes.index(big)]
+            maps = got[f"{kind}_maps{dim}"]
+            torch.testing.assert_close(maps["norm"], want["norm"], rtol=1e-5, atol=0)
+            for g, w in zip(maps["normalize"], want["normalize"], strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+            for g, w in zip(maps["dualize"], want["dualize"], strict=True):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-9)  # the sums' order, no more
+            assert all(got[f"{kind}_layout{dim}"])  # each rank gets its own slice back
         # bfloat16 steps but the last: the same dual pairing ⟨G, dualize(G)⟩ to 1e-3
-        grads = _grads(_tall_net)
+        grads = _grads(make_net)
         pair = [(g * d).sum() for g, d in zip(grads, want["dualize"], strict=True)]
-        mixed = [(g * d).sum() for g, d in zip(grads, got["tall_mixed"], strict=True)]
+        mixed = [(g * d).sum() for g, d in zip(grads, got[f"{kind}_mixed"], strict=True)]
         torch.testing.assert_close(torch.stack(mixed), torch.stack(pair), rtol=1e-3, atol=0)
-        for name in TALL:
-            for g, w in zip(got[f"tall_{name}"], reference[name], strict=True):
+        for name in SPLIT:
+            for g, w in zip(got[f"{kind}_{name}"], reference[name], strict=True):
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-6)

@@ -10,7 +10,8 @@ here, and the atoms are split across ranks (as scalable Muon implementations spl
 matrices), balanced by the cost of their dual maps: each atom of positive share belongs to
 one rank, which gathers its full tensor and runs the single-process code on it. An atom
 costing more than an even share (a large vocabulary's head) is computed by every rank on its
-own rows instead, through all-reduced Gram matrices (`_split_atoms`).
+own slice of the matrix's longer side instead, through all-reduced Gram matrices of the
+shorter side (`_split_atoms`).
 
 * **norm / normalize**: the owner computes the atom's norm (batched, warm-started Lanczos);
   one all-reduce shares the norms, and each rank scales its own slices.
@@ -164,12 +165,13 @@ def _cost(atom: Atom) -> int:
 
 
 def _split_atoms(module: Module, tensors: Sequence[Tensor], world: int) -> frozenset[int]:
-    """The atoms that every rank works on together instead of one owner: a Linear or Conv2d
-    costing more than an even share of the dual maps (one rank would be the bottleneck, and
-    would hold the whole matrix), sharded along its rows (FSDP2's ``Shard(0)``) and at least
-    as tall as wide. Its Gram matrix ``WᵀW`` (``in × in``, the small side) is then the sum of
-    the ranks' ``W_rᵀ W_r``: the norm is ``√λ_max`` of that sum, and Newton–Schulz needs one
-    all-reduce of it per iteration while each rank updates its own rows."""
+    """The sharded Linear or Conv2d atoms that every rank works on together instead of one
+    owner: those costing more than an even share of the dual maps (one rank would be the
+    bottleneck, and would hold the whole matrix). Each rank holds a slice of the matrix's
+    longer side (`_columns`), so the Gram matrix of the shorter side (say ``WᵀW`` of a tall
+    ``W``) is the sum of the ranks' parts: the norm is ``√λ_max`` of that sum, and
+    Newton–Schulz needs one all-reduce of it per iteration while each rank updates its own
+    slice."""
     from modnorm.atoms import _MatrixAtom
 
     shares = module.atom_shares()
@@ -180,10 +182,29 @@ def _split_atoms(module: Module, tensors: Sequence[Tensor], world: int) -> froze
         atom = shares[i][0]
         if world < 2 or not isinstance(atom, _MatrixAtom) or _cost(atom) * world <= total:
             continue
-        rows, cols = atom.weight.shape[:2]
-        if _sharded_dim(tensors[i]) == 0 and cols <= rows:
+        if _sharded_dim(tensors[i]) is not None:
             split.add(i)
     return frozenset(split)
+
+
+def _columns(atom: Atom, t: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A split atom's matrices oriented ``(P, short, long)``, of which this rank holds some
+    columns (a slice of the longer side); the DTensor ``t`` sharded that way; and the weight
+    dimension of the longer side (0: out, 1: in). A matrix sharded along another dimension
+    (FSDP2 shards rows, so a wide matrix) is first resharded (an all-to-all) so that the
+    Gram matrix summed across ranks is the small one."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from modnorm.linalg import _compute_dtype
+
+    assert isinstance(t, DTensor)
+    rows, cols = atom.weight.shape[:2]
+    long = 0 if rows >= cols else 1
+    if _sharded_dim(t) != long:
+        t = t.redistribute(t.device_mesh, [Shard(long)])
+    local = t.to_local()
+    mats = cast("_MatrixAtomT", atom)._mats(local).to(_compute_dtype(local))
+    return (mats.mT if long == 0 else mats), t, long
 
 
 def _summed(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
@@ -199,22 +220,47 @@ def _split_norms(
     module: Module, tensors: Sequence[Tensor], split: Sequence[int], group: dist.ProcessGroup
 ) -> list[Tensor]:
     """The norms of the ``split`` atoms, the same on every rank: the largest eigenvalue of
-    each matrix's all-reduced Gram matrix (Lanczos, warm-started), square-rooted."""
-    from modnorm.linalg import _compute_dtype, spectral_norms_batches
+    each matrix's all-reduced Gram matrix of its shorter side (Lanczos, warm-started),
+    square-rooted. The warm starts stay right singular vectors, as on one process."""
+    from modnorm.linalg import spectral_norms_batches
 
     atoms = [cast("_MatrixAtomT", module.atom_shares()[i][0]) for i in split]
-    grams, warms = [], []
+    grams, warms, sides = [], [], []
     for atom, i in zip(atoms, split, strict=True):
-        local = _local(tensors[i])
-        mats = atom._mats(local).to(_compute_dtype(local))
-        grams.append(_summed(group)(mats.mT @ mats))
-        ok = atom._v.shape == grams[-1].shape[:2]
-        warms.append(atom._v if ok else None)
+        x, _, long = _columns(atom, tensors[i])
+        grams.append(_summed(group)(x @ x.mT))
+        v = atom._v if atom._v.shape == (x.shape[0], atom.weight.shape[1]) else None
+        if v is not None and long == 1:  # WWᵀ's eigenvectors are left ones: u = W v
+            mine = v.to(x).narrow(1, _offset(v.shape[1], group), x.shape[-1])
+            v = _summed(group)((x @ mine[..., None])[..., 0])
+        warms.append(v)
+        sides.append((x, long))
     out = []
-    for atom, (sigma, v) in zip(atoms, spectral_norms_batches(grams, warms), strict=True):
-        atom._v = v  # the top eigenvectors of WᵀW: right singular vectors, as on one process
+    for atom, (sigma, v), (x, long) in zip(
+        atoms, spectral_norms_batches(grams, warms), sides, strict=True
+    ):
+        if long == 1:  # back to the right ones: v = Wᵀu, each rank its columns, gathered
+            v = _all_columns((x.mT @ v[..., None])[..., 0], atom.weight.shape[1], group)
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        atom._v = v
         out.append(sigma.clamp_min(0).sqrt().max())
     return out
+
+
+def _offset(n: int, group: dist.ProcessGroup) -> int:
+    """Where this rank's slice of a length-``n`` dimension starts (DTensor cuts as
+    ``torch.chunk``)."""
+    chunk = -(-n // dist.get_world_size(group))
+    return min(n, dist.get_rank(group) * chunk)
+
+
+def _all_columns(local: Tensor, n: int, group: dist.ProcessGroup) -> Tensor:
+    """Every rank's slice of the last dimension (length ``n`` in all), concatenated."""
+    chunk = -(-n // dist.get_world_size(group))
+    padded = _pad(local, local.dim() - 1, chunk)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat(parts, -1).narrow(-1, 0, n)
 
 
 def _gathered(
@@ -324,22 +370,23 @@ def dualize(
 def _split_dual(
     atom: Atom, t: Tensor, scale: float, group: dist.ProcessGroup, precision: str
 ) -> Tensor:
-    """The dual map of a row-sharded matrix atom, each rank computing its own rows:
-    Newton–Schulz on ``Wᵀ`` (``in × rows``, columns split across ranks) with the Gram
-    matrices all-reduced."""
-    from torch.distributed.tensor import DTensor
+    """The dual map of a split matrix atom, each rank computing its own slice of the longer
+    side (`_columns`): Newton–Schulz with the Gram matrices all-reduced; the result is laid
+    out as ``t`` again."""
+    from torch.distributed.tensor import DTensor, Shard
 
-    from modnorm.linalg import _compute_dtype, _newton_schulz
+    from modnorm.linalg import _newton_schulz
 
-    matrix = cast("_MatrixAtomT", atom)
-    local = _local(t)
-    x = matrix._mats(local).to(_compute_dtype(local)).mT
+    x, cut, long = _columns(atom, t)
     polar = _newton_schulz(x, precision=precision, reduce=_summed(group))
-    dual = (matrix._unmats(polar.mT.to(local.dtype), local) * scale).contiguous()
+    local = cut.to_local()  # type: ignore[attr-defined]
+    mats = polar.mT if long == 0 else polar
+    dual = (cast("_MatrixAtomT", atom)._unmats(mats.to(local.dtype), local) * scale).contiguous()
     assert isinstance(t, DTensor)
-    return DTensor.from_local(
-        dual, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
+    out = DTensor.from_local(
+        dual, t.device_mesh, [Shard(long)], run_check=False, shape=t.shape, stride=t.stride()
     )
+    return out if out.placements == t.placements else out.redistribute(placements=t.placements)
 
 
 def share_warm_starts(module: Module) -> None:
