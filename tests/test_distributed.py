@@ -126,11 +126,13 @@ def _maps(net: mn.Module, grads: list[Any]) -> dict[str, Any]:
     }
 
 
-def _spawn(worker: Callable[..., None], tmp: Path, timeout: float = 120.0) -> list[dict[str, Any]]:
-    """Run ``worker(rank, init_file, out_dir)`` on ``WORLD`` processes (a hang is killed, an
+def _spawn(
+    worker: Callable[..., None], tmp: Path, timeout: float = 120.0, nprocs: int = WORLD
+) -> list[dict[str, Any]]:
+    """Run ``worker(rank, init_file, out_dir)`` on ``nprocs`` processes (a hang is killed, an
     error in one re-raised here); the results each saved."""
     ctx = mp.start_processes(
-        worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
+        worker, args=(str(tmp / "init"), str(tmp)), nprocs=nprocs, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -138,7 +140,7 @@ def _spawn(worker: Callable[..., None], tmp: Path, timeout: float = 120.0) -> li
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"{worker.__name__} did not finish within {timeout:.0f} s")
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(nprocs)]
 
 
 # ---- the 2-process side: one spawn runs every scenario --------------------------------------
@@ -225,8 +227,15 @@ def _fsdp(rank: int) -> dict[str, Any]:
     partial = [DTensor.from_local(g, mesh, [Partial()]) for g in grads]
     result["partial_error"] = error(lambda: _net().norm(partial))
     mesh2d = init_device_mesh("cpu", (1, WORLD))
-    on_2d = [distribute_tensor(g, mesh2d, [Replicate(), Shard(0)]) for g in grads]
-    result["mesh_error"] = error(lambda: _net().normalize(on_2d))
+    # HSDP's layout, here with one replica (4 ranks test two below)
+    result["hsdp"] = _maps(
+        _net(), [distribute_tensor(g, mesh2d, [Replicate(), Shard(0)]) for g in grads]
+    )
+    tp = [distribute_tensor(g, mesh2d, [Shard(0), Shard(1)]) for g in grads]
+    result["tp_error"] = error(lambda: _net().normalize(tp))
+    mixed = [distribute_tensor(g, mesh2d, [Replicate(), Shard(0)]) for g in grads]
+    mixed[1] = distribute_tensor(grads[1], mesh2d, [Shard(0), Replicate()])
+    result["mesh_dims_error"] = error(lambda: _net().dualize(mixed))
     sharded = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
     result["count_error"] = error(lambda: _net().dualize(sharded[:-1]))
     local = sharded[2].to_local().clone()
@@ -364,6 +373,36 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Four ranks, HSDP: two replicas of two shards each (``fully_shard`` on a 2-D mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=4,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    result = {}
+    for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
+        for name in SPLIT:
+            net = make_net()
+            for atom, _ in net.atom_shares():
+                fully_shard(atom, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+            opt = OPTIMIZERS[name](net)
+            _train(net, opt, rank, 4)
+            result[f"{kind}_{name}"] = _full(net.parameters())
+            result[f"{kind}_{name}_placements"] = [p.placements for p in net.parameters()]
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def spawned() -> Iterator[tuple[list[dict[str, Any]], Path]]:
     """The 2-process results, and the directory of the checkpoints they saved."""
@@ -454,11 +493,27 @@ def test_norm_normalize_dualize_of_sharded_tensors_are_those_of_the_full_tensors
         assert all(a and b for a, b in run["fsdp"][f"{layout}_layout"])
 
 
+def test_hsdp_layout_gives_the_maps_of_the_full_tensors(runs: list[dict[str, Any]]) -> None:
+    want = _maps(_net(), _grads())
+    for run in runs:
+        got = run["fsdp"]["hsdp"]
+        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
+        for g, w in zip(got["dualize"], want["dualize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+        for g, w in zip(got["normalize"], want["normalize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+
+
 def test_sharded_bad_input_gets_clear_errors(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         errors = run["fsdp"]
         assert "placement Partial" in errors["partial_error"]
-        assert "2-D device mesh" in errors["mesh_error"]
+        assert "sharded over 2 mesh dimensions" in errors["tp_error"]
+        assert "not tensor parallel" in errors["tp_error"]
+        assert (
+            "tensor 0 is sharded over mesh dimension 1 and tensor 1 over 0"
+            in (errors["mesh_dims_error"])
+        )
         assert "expected 4 tensors" in errors["count_error"]
         # a NaN on rank 1's slice is seen by both ranks: neither goes on into a collective alone
         assert "non-finite values in tensor 2" in errors["nan_error"]
@@ -789,3 +844,22 @@ def test_a_matrix_larger_than_an_even_share_is_computed_by_every_rank(
         for name in SPLIT:
             for g, w in zip(got[f"{kind}_{name}"], reference[name], strict=True):
                 torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
+def test_hsdp_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
+    # Each replica (2 ranks) computes the norms and dual maps of its own shards, split atoms
+    # included; the replicas agree, and with one process on the combined batch.
+    runs = _spawn(_hsdp_worker, tmp_path, timeout=180.0, nprocs=4)
+    from torch.distributed.tensor import Replicate, Shard
+
+    for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
+        for name in SPLIT:
+            net = make_net()
+            _train(net, OPTIMIZERS[name](net), 0, 1)
+            want = _full(net.parameters())
+            for rank, run in enumerate(runs):
+                assert run[f"{kind}_{name}_placements"][0] == (Replicate(), Shard(0))
+                for i, (g, w) in enumerate(zip(run[f"{kind}_{name}"], want, strict=True)):
+                    torch.testing.assert_close(
+                        g, w, rtol=0, atol=1e-6, msg=f"{kind} {name} rank {rank} param {i}"
+                    )

@@ -22,8 +22,11 @@ Gathering, not a distributed power iteration: a sharded Lanczos needs two latenc
 collectives per iteration (``Aᵀu`` and the reorthogonalization) over 4 to tens of iterations,
 and the dual map needs the whole matrix anyway; a gather is one collective per atom. The
 warm starts live on the owners; :func:`share_warm_starts` copies them everywhere for a state
-dict. Supported layouts: a one-dimensional device mesh with ``Shard(d)`` (any ``d``) or
-``Replicate`` placements, what ``fully_shard`` makes; others raise a ``ValueError``.
+dict. Supported layouts: ``Shard(d)`` (any ``d``) and ``Replicate`` placements, every tensor
+sharded over the same one dimension of the device mesh: what ``fully_shard`` makes on a 1-D
+mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D one, where each replica computes the
+norms and dual maps among its own ranks (the same in every replica, as the gradients are).
+A tensor sharded over two mesh dimensions (tensor parallel) raises a ``ValueError``.
 
 :func:`save_checkpoint` / :func:`load_checkpoint` save and resume a modnorm optimizer and its
 module with ``torch.distributed.checkpoint`` (sharded, resumable on any number of ranks), and
@@ -77,29 +80,55 @@ def any_sharded(tensors: Sequence[object]) -> bool:
 
 
 def _check_layout(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
-    """The process group of the DTensors' one-dimensional mesh; a clear error otherwise."""
+    """The process group of the mesh dimension the DTensors are sharded over (FSDP2's one
+    dimension, or HSDP's second: the ranks of one replica); a clear error otherwise."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = None
+    sharded: dict[int, int] = {}  # mesh dimension → the first tensor sharded over it
     for i, t in enumerate(tensors):
         if not isinstance(t, DTensor):
             continue
-        if t.device_mesh.ndim != 1:
-            raise ValueError(
-                f"tensor {i} lives on a {t.device_mesh.ndim}-D device mesh: modnorm supports "
-                "one-dimensional meshes (fully_shard over one group), not HSDP or tensor parallel"
-            )
         for p in t.placements:
             if type(p) not in (Shard, Replicate):
                 raise ValueError(
                     f"tensor {i} has placement {p!r}: modnorm supports Shard(dim) and Replicate "
                     "(a Partial tensor must be reduced first)"
                 )
+        dims = [d for d, p in enumerate(t.placements) if isinstance(p, Shard)]
+        if len(dims) > 1:
+            raise ValueError(
+                f"tensor {i} is sharded over {len(dims)} mesh dimensions {t.placements}: "
+                "modnorm supports one (FSDP2, or HSDP's Replicate then Shard), not tensor "
+                "parallel"
+            )
+        for d in dims:
+            sharded.setdefault(d, i)
         if mesh is None:
             mesh = t.device_mesh
         elif t.device_mesh != mesh:
             raise ValueError(f"tensor {i} lives on another device mesh than tensor 0's")
-    return None if mesh is None else mesh.get_group()
+    if len(sharded) > 1:
+        (d0, i0), (d1, i1) = list(sharded.items())[:2]
+        raise ValueError(
+            f"tensor {i0} is sharded over mesh dimension {d0} and tensor {i1} over {d1}: "
+            "modnorm needs all of them sharded over the same one"
+        )
+    if mesh is None:
+        return None
+    return mesh.get_group(next(iter(sharded), mesh.ndim - 1))
+
+
+def _shard(t: Tensor) -> tuple[int, int] | None:
+    """(mesh dimension, tensor dimension) of a DTensor's one ``Shard``; ``None`` if it has
+    none or is a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(t, DTensor):
+        for d, p in enumerate(t.placements):
+            if isinstance(p, Shard):
+                return d, p.dim
+    return None
 
 
 def gather(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -200,8 +229,12 @@ def _columns(atom: Atom, t: Tensor) -> tuple[Tensor, Tensor, int]:
     assert isinstance(t, DTensor)
     rows, cols = atom.weight.shape[:2]
     long = 0 if rows >= cols else 1
-    if _sharded_dim(t) != long:
-        t = t.redistribute(t.device_mesh, [Shard(long)])
+    where = _shard(t)
+    assert where is not None  # split atoms are sharded
+    if where[1] != long:
+        placements = list(t.placements)
+        placements[where[0]] = Shard(long)
+        t = t.redistribute(t.device_mesh, placements)
     local = t.to_local()
     mats = cast("_MatrixAtomT", atom)._mats(local).to(_compute_dtype(local))
     return (mats.mT if long == 0 else mats), t, long
@@ -373,7 +406,7 @@ def _split_dual(
     """The dual map of a split matrix atom, each rank computing its own slice of the longer
     side (`_columns`): Newton–Schulz with the Gram matrices all-reduced; the result is laid
     out as ``t`` again."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     from modnorm.linalg import _newton_schulz
 
@@ -383,8 +416,9 @@ def _split_dual(
     mats = polar.mT if long == 0 else polar
     dual = (cast("_MatrixAtomT", atom)._unmats(mats.to(local.dtype), local) * scale).contiguous()
     assert isinstance(t, DTensor)
+    assert isinstance(cut, DTensor)
     out = DTensor.from_local(
-        dual, t.device_mesh, [Shard(long)], run_check=False, shape=t.shape, stride=t.stride()
+        dual, cut.device_mesh, cut.placements, run_check=False, shape=t.shape, stride=t.stride()
     )
     return out if out.placements == t.placements else out.redistribute(placements=t.placements)
 
@@ -438,11 +472,8 @@ def _check_parts(module: Module, tensors: Sequence[Tensor]) -> None:
 
 def _sharded_dim(t: Tensor) -> int | None:
     """The dimension a DTensor is sharded along (``None``: replicated or a plain tensor)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if isinstance(t, DTensor) and isinstance(t.placements[0], Shard):
-        return t.placements[0].dim
-    return None
+    where = _shard(t)
+    return None if where is None else where[1]
 
 
 def _gather_to(t: Tensor, owner: int, group: dist.ProcessGroup) -> Tensor | None:
