@@ -99,12 +99,17 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
-    name, width, blocks, k = job
+STEPS = 200  # the transfer sweeps' budget
+
+Job = tuple[str, int, int, int, int]  # variant, width, blocks, log2 lr, steps
+
+
+def run(job: Job) -> dict[str, Any]:
+    name, width, blocks, k, steps = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     make_net, make_opt, _ = VARIANTS[name]
-    cfg = ex.SweepConfig(steps=200, batch_size=128, input_noise=1.0, depth=blocks)
+    cfg = ex.SweepConfig(steps=steps, batch_size=128, input_noise=1.0, depth=blocks)
     data = mn_data.load("digits", input_noise=1.0)
 
     def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
@@ -112,7 +117,7 @@ def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
         return net, [make_opt(net, lr)]
 
     r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, 0, build=build)
-    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k,
+    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
             "train_loss": r["train_loss"],
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
@@ -120,16 +125,18 @@ def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
 def ablate(
     description: str,
     grids: dict[str, list[int]],
-    run: Callable[[tuple[str, int, int, int]], dict[str, Any]],
+    run: Callable[[Job], dict[str, Any]],
     width: int,
     out: Path,
-    title: Callable[[int, int], str],
+    title: Callable[[int, int, int], str],
+    steps: int,
 ) -> None:
     """The command line of an ablation: run the chosen variants over their lr grids
     (``grids``: log2 lrs by variant) in a pool of processes, then `report` them."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--width", type=int, default=width)
     parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=steps, help=f"default {steps}")
     parser.add_argument("--variants", default=",".join(grids), help="comma-separated")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=out)
@@ -138,11 +145,12 @@ def ablate(
     unknown = [n for n in names if n not in grids]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: choose from {list(grids)}")
-    jobs = [(n, args.width, args.blocks, k) for n in names for k in grids[n]]
+    jobs = [(n, args.width, args.blocks, k, args.steps) for n in names for k in grids[n]]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
-    path = args.out / f"width{args.width}_blocks{args.blocks}.json"
-    report(rows, {n: grids[n] for n in names}, title(args.width, args.blocks), path)
+    budget = "" if args.steps == steps else f"_steps{args.steps}"
+    path = args.out / f"width{args.width}_blocks{args.blocks}{budget}.json"
+    report(rows, {n: grids[n] for n in names}, title(args.width, args.blocks, args.steps), path)
 
 
 def report(rows: list[dict[str, Any]], grids: dict[str, list[int]], title: str, path: Path) -> None:
@@ -172,7 +180,8 @@ def main() -> None:
         run,
         1024,
         Path(__file__).parent / "results" / "adam_gap",
-        lambda w, b: f"ResMLP width {w}, {b} blocks; train loss (last 10 % of 200 steps)",
+        lambda w, b, n: f"ResMLP width {w}, {b} blocks; train loss (last 10 % of {n} steps)",
+        STEPS,
     )
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks import peers
-from benchmarks.adam_gap import ablate
+from benchmarks.adam_gap import Job, ablate
 from benchmarks.transfer import SUITES
 from modnorm import compounds
 from modnorm import data as mn_data
@@ -185,15 +185,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def run(job: tuple[str, int, int, int]) -> dict[str, Any]:
-    name, width, blocks, k = job
+def run(job: Job) -> dict[str, Any]:
+    name, width, blocks, k, steps = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     build, _ = VARIANTS[name]
-    cfg = replace(CONFIG, depth=blocks)
+    cfg = replace(CONFIG, depth=blocks, steps=steps)
     data = mn_data.load(cfg.data)
     r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, 0, build=build)
-    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k,
+    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
             "train_loss": r["train_loss"],
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
@@ -205,10 +205,11 @@ def main() -> None:
         run,
         256,
         Path(__file__).parent / "results" / "gpt_gap",
-        lambda w, b: (
-            f"GPT width {w}, {b} blocks, Shakespeare; train loss (last 10 % of {CONFIG.steps} "
+        lambda w, b, n: (
+            f"GPT width {w}, {b} blocks, Shakespeare; train loss (last 10 % of {n} "
             f"steps of {CONFIG.batch_size} × {CONFIG.context} characters)"
         ),
+        CONFIG.steps,
     )
 
 

@@ -38,6 +38,6 @@ def test_every_variant_changes_the_network_or_the_optimizer() -> None:
 
 
 def test_one_run_trains() -> None:
-    r = ag.run(("plain residuals", 16, 2, -1))
+    r = ag.run(("plain residuals", 16, 2, -1, ag.STEPS))
     assert r["variant"] == "plain residuals" and r["blocks"] == 2 and not r["diverged"]
     assert 0 < r["train_loss"] < 2.3  # below chance (ln 10) after 200 steps
