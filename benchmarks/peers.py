@@ -103,13 +103,16 @@ def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
     return build
 
 
-def modnorm_adam_output_scale(scale: float) -> ex.Builder:
-    """modnorm-adam on a residual compound whose head is multiplied by ``scale``."""
+def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.Builder:
+    """modnorm-adam on a residual compound whose head is multiplied by ``output_scale`` and
+    has mass ``head_mass``."""
 
     def build(
         cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
     ) -> Built:
-        model = ex.build_model(cfg, "modnorm-adam", width, depth, data, output_scale=scale)
+        model = ex.build_model(
+            cfg, "modnorm-adam", width, depth, data, output_scale=output_scale, head_mass=head_mass
+        )
         return model.to(device), [mn_optim.Adam(cast(Module, model), lr)]
 
     return build
@@ -350,9 +353,15 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "modnorm-adam-logits4",
-            modnorm_adam_output_scale(4.0),
+            modnorm_adam_head(output_scale=4.0),
             ("resmlp", "rescnn", "gpt"),
             note="output_scale=4: logits × 4 (benchmarks/adam_gap.py)",
+        ),
+        Method(
+            "modnorm-adam-head8",
+            modnorm_adam_head(head_mass=8.0),
+            ("resmlp", "rescnn", "gpt"),
+            note="head_mass=8: the head's share of each step ×8 (benchmarks/logit_scale.py)",
         ),
         Method(
             "modnorm-adam-calibrated",

@@ -229,3 +229,40 @@ def test_output_scale_multiplies_the_logits_and_shifts_the_shares(make, x) -> No
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="output_scale"):
             make(output_scale=bad)
+
+
+@pytest.mark.parametrize(
+    ("make", "x", "others"),
+    [
+        (lambda **kw: mn.ResMLP(16, 10, 32, num_blocks=2, **kw), lambda: torch.randn(5, 16), 2),
+        (lambda **kw: mn.ResCNN(3, 10, 8, num_blocks=2, **kw), lambda: torch.randn(2, 3, 6, 6), 21),
+        (lambda **kw: mn.GPT(11, 8, 16, 2, 2, **kw), lambda: torch.randint(0, 11, (2, 8)), 6),
+    ],
+    ids=["resmlp", "rescnn", "gpt"],
+)
+def test_head_mass_gives_the_head_its_share_of_each_step(make, x, others) -> None:  # type: ignore[no-untyped-def]
+    # the head's share is m / (m + the others' mass): input layer or embeddings 1, blocks
+    # 1 (ResMLP), 20 (ResCNN) or 5 (GPT); the rest keep their ratios, and the function and
+    # the weights are those of the nominal network
+    torch.manual_seed(0)
+    plain = make()
+    torch.manual_seed(0)
+    heavy = make(head_mass=8.0)
+    for p, q in zip(plain.parameters(), heavy.parameters(), strict=True):
+        assert torch.equal(p, q)
+    batch = x()
+    torch.testing.assert_close(heavy(batch), plain(batch))
+    assert plain.mass == pytest.approx(1 + others) and heavy.mass == pytest.approx(8 + others)
+    shares = plain.atom_shares()
+    heavy_shares = heavy.atom_shares()
+    head = next(
+        i
+        for i, (a, _) in enumerate(shares)
+        if a.weight.shape[0] in (10, 11) and a.weight.ndim == 2 and type(a) is mn.Linear
+    )
+    for i, ((_, s), (_, t)) in enumerate(zip(shares, heavy_shares, strict=True)):
+        want = 8 / (8 + others) if i == head else s * (1 + others) / (8 + others)
+        assert t == pytest.approx(want), i
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="head_mass"):
+            make(head_mass=bad)

@@ -42,13 +42,16 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
-def _scaled_head(head: Module, output_scale: float) -> Module:
-    """``output_scale · head`` (built last, so the other weights' initialization does not
-    depend on it): μP's output multiplier; as a sensitivity it divides every
-    atom's share of an update by as much, so a step of the same ``lr`` moves the weights less
-    for the same bound on the change of the logits."""
-    if not (isinstance(output_scale, (int, float)) and 0 < output_scale < math.inf):
-        raise ValueError(f"output_scale must be a positive number, got {output_scale!r}")
+def _scaled_head(head: Module, output_scale: float, head_mass: float) -> Module:
+    """``output_scale · head`` with the head's mass ``head_mass`` (built last, so the other
+    weights' initialization does not depend on it). The output scale is μP's output
+    multiplier; as a sensitivity it divides every atom's share of an update by as much, so a
+    step of the same ``lr`` moves the weights less for the same bound on the change of the
+    logits. The head's mass sets its share of each step against the rest of the network."""
+    for name, value in (("output_scale", output_scale), ("head_mass", head_mass)):
+        if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    head.tare(head_mass)
     return head if output_scale == 1.0 else output_scale * head
 
 
@@ -80,10 +83,13 @@ def ResMLP(  # noqa: N802
     activation: str = "abs",
     blocks_mass: float = 1.0,
     output_scale: float = 1.0,
+    head_mass: float = 1.0,
 ) -> Module:
     """Residual MLP: ``Linear ∘ blocks ∘ Linear ∘ Flatten``; each block is
     ``(MeanSubtract ∘ act ∘ Linear ∘ RMSDivide) ** block_depth`` (as the reference).
-    ``output_scale`` multiplies the logits (μP's output multiplier; benchmarks/RESULTS.md)."""
+    ``output_scale`` multiplies the logits (μP's output multiplier) and ``head_mass`` is the
+    head's mass (the input layer's is 1): both shift each step towards the head, which wide
+    networks train better with (benchmarks/RESULTS.md)."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
@@ -91,7 +97,7 @@ def ResMLP(  # noqa: N802
     residue = MeanSubtract() @ _activation(activation) @ Linear(width, width) @ RMSDivide()
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    return _scaled_head(Linear(width, out_features), output_scale) @ blocks @ initial
+    return _scaled_head(Linear(width, out_features), output_scale, head_mass) @ blocks @ initial
 
 
 def ResCNN(  # noqa: N802
@@ -104,11 +110,12 @@ def ResCNN(  # noqa: N802
     kernel_size: int = 3,
     blocks_mass: float = 20.0,
     output_scale: float = 1.0,
+    head_mass: float = 1.0,
 ) -> Module:
     """Residual CNN on ``(B, C, H, W)`` images: ``Linear ∘ Flatten ∘ AvgPool ∘ blocks ∘ Conv2d``;
     each block is ``(MeanSubtract ∘ act ∘ Conv2d ∘ RMSDivide) ** block_depth`` with the RMS
     taken over channels and pixels (as the reference, whose block mass is 20).
-    ``output_scale`` multiplies the logits (as `ResMLP`'s)."""
+    ``output_scale`` and ``head_mass`` as `ResMLP`'s."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
@@ -122,7 +129,7 @@ def ResCNN(  # noqa: N802
     )
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    head = _scaled_head(Linear(width, out_features), output_scale)
+    head = _scaled_head(Linear(width, out_features), output_scale, head_mass)
     return head @ Flatten() @ AvgPool() @ blocks @ initial
 
 
@@ -145,11 +152,12 @@ def GPT(  # noqa: N802
     num_blocks: int,
     blocks_mass: float = 5.0,
     output_scale: float = 1.0,
+    head_mass: float = 1.0,
 ) -> Module:
     """Decoder-only transformer on token indices ``(B, T)``, ``T ≤ context``, returning logits
     ``(B, T, vocab_size)``: pre-norm attention and GELU MLP blocks with residual weights
     ``1/(2L)``, learned token and position embeddings (as the reference). ``output_scale``
-    multiplies the logits (as `ResMLP`'s)."""
+    and ``head_mass`` as `ResMLP`'s."""
     _positive("vocab_size", vocab_size)
     _positive("context", context)
     _positive("num_blocks", num_blocks)
@@ -161,4 +169,5 @@ def GPT(  # noqa: N802
     block = _residual(mlp, num_blocks, share) @ _residual(attention, num_blocks, share)
     blocks = block**num_blocks
     blocks.tare(blocks_mass)
-    return _scaled_head(Linear(width, vocab_size), output_scale) @ LayerNorm() @ blocks @ embed
+    head = _scaled_head(Linear(width, vocab_size), output_scale, head_mass)
+    return head @ LayerNorm() @ blocks @ embed

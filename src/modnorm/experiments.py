@@ -125,18 +125,28 @@ def build_model(
     depth: int,
     data: Dataset,
     output_scale: float = 1.0,
+    head_mass: float = 1.0,
 ) -> nn.Module:
     """The model of ``cfg`` at one scale: a modnorm compound for modnorm optimizers, the
     same architecture in plain ``torch.nn`` (standard practice) for the others.
-    ``output_scale`` is the residual compounds' logit multiplier (modnorm only)."""
+    ``output_scale`` and ``head_mass`` are the residual compounds' (modnorm only)."""
     modular = optimizer.startswith("modnorm")
-    if output_scale != 1.0 and not (modular and cfg.model in ("resmlp", "rescnn", "gpt")):
-        raise ValueError(f"output_scale is an option of modnorm's residual models, not {cfg.model}")
+    residual = modular and cfg.model in ("resmlp", "rescnn", "gpt")
+    for name, value in (("output_scale", output_scale), ("head_mass", head_mass)):
+        if value != 1.0 and not residual:
+            raise ValueError(f"{name} is an option of modnorm's residual models, not {cfg.model}")
+    scale, mass = output_scale, head_mass
     classes = data.num_classes
     if cfg.model == "gpt":
         if modular:
             return compounds.GPT(
-                classes, cfg.context, width, cfg.num_heads, depth, output_scale=output_scale
+                classes,
+                cfg.context,
+                width,
+                cfg.num_heads,
+                depth,
+                output_scale=scale,
+                head_mass=mass,
             )
         return baselines.TorchGPT(classes, cfg.context, width, cfg.num_heads, depth)
     shape = data.in_shape
@@ -144,7 +154,9 @@ def build_model(
         if len(shape) != 3:
             raise ValueError("rescnn needs image data of shape (C, H, W)")
         if modular:
-            return compounds.ResCNN(shape[0], classes, width, depth, output_scale=output_scale)
+            return compounds.ResCNN(
+                shape[0], classes, width, depth, output_scale=scale, head_mass=mass
+            )
         return baselines.torch_rescnn(shape[0], classes, width, depth)
     features = math.prod(shape)
     if cfg.model == "mlp":
@@ -152,7 +164,7 @@ def build_model(
             return compounds.MLP(features, classes, width, depth + 1)
         return baselines.torch_mlp(features, classes, width, depth + 1)
     if modular:
-        return compounds.ResMLP(features, classes, width, depth, output_scale=output_scale)
+        return compounds.ResMLP(features, classes, width, depth, output_scale=scale, head_mass=mass)
     return baselines.torch_resmlp(features, classes, width, depth)
 
 
