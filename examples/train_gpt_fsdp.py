@@ -3,12 +3,14 @@
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --steps 100 --optimizer dual
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --stop-after 50 --checkpoint ck
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --checkpoint ck   # steps 51 to 200
+torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --replicas 2      # HSDP: 2 × 2 ranks
 
 ``fully_shard`` turns every parameter into a DTensor of which each rank holds a slice. The
-modular norm of an atom is global, so modnorm gathers each atom's update to measure it and
-keeps only this rank's slice of the result; the dual map (Newton–Schulz) of each matrix runs on
-one rank, round-robin, and is broadcast (docs/distributed.md). Build the optimizer after
-``fully_shard``: it replaces the parameters. Runs on CPU with gloo, or on GPUs with NCCL.
+modular norm of an atom is global, so each atom's norm and dual map (Newton–Schulz) are
+computed by one rank, the atoms balanced across ranks by cost (a matrix too large for one
+rank by all of them together), and each rank keeps its slice of the result
+(docs/distributed.md). Build the optimizer after ``fully_shard``: it replaces the
+parameters. Runs on CPU with gloo, or on GPUs with NCCL.
 """
 
 import argparse
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import modnorm as mn
@@ -46,6 +49,7 @@ parser.add_argument(
     "--checkpoint", type=Path, help="a directory: resumed from if it exists, saved at the end"
 )
 parser.add_argument("--stop-after", type=int, help="stop after this step (and checkpoint)")
+parser.add_argument("--replicas", type=int, default=1, help="HSDP: shard within each replica")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -59,9 +63,15 @@ torch.set_flush_denormal(True)
 data = text(args.data)
 torch.manual_seed(0)  # the same initial weights everywhere, before each rank keeps a slice
 model = mn.GPT(data.num_classes, args.context, args.width, args.heads, args.blocks).to(device)
+mesh = None  # all ranks shard every weight; with --replicas, HSDP on a 2-D mesh
+if args.replicas > 1:
+    if world % args.replicas:
+        raise SystemExit(f"--replicas {args.replicas} does not divide the {world} ranks")
+    shape = (args.replicas, world // args.replicas)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
 for atom, _ in model.atom_shares():  # one FSDP unit per weight matrix (a block would do too)
-    fully_shard(atom)
-fully_shard(model)
+    fully_shard(atom, mesh=mesh)
+fully_shard(model, mesh=mesh)
 optimizer = OPTIMIZERS[args.optimizer](model, args.lr)  # after fully_shard, on the DTensors
 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / args.steps)
 windows = torch.Generator().manual_seed(1 + rank)  # different batches on different ranks
