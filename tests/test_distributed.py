@@ -56,28 +56,28 @@ def _net() -> mn.Module:
         torch.set_default_dtype(default)
 
 
-def _tall_net() -> mn.Module:
-    # The 300 × 120 matrix costs more than an even share of the dual maps: the ranks split it
-    # (its Gram matrix is 120 × 120, above 96: Lanczos), and the others go to owners.
+def _mlp(widths: tuple[int, int]) -> mn.Module:
+    """``12 → a → b → 5`` with GELUs, in float64, seed 1."""
+    a, b = widths
     torch.manual_seed(1)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        return mn.Linear(300, 5) @ mn.GELU() @ mn.Linear(120, 300) @ mn.GELU() @ mn.Linear(12, 120)
+        return mn.Linear(b, 5) @ mn.GELU() @ mn.Linear(a, b) @ mn.GELU() @ mn.Linear(12, a)
     finally:
         torch.set_default_dtype(default)
+
+
+def _tall_net() -> mn.Module:
+    # The 300 × 120 matrix costs more than an even share of the dual maps: the ranks split it
+    # (its Gram matrix is 120 × 120, above 96: Lanczos), and the others go to owners.
+    return _mlp((120, 300))
 
 
 def _wide_net() -> mn.Module:
     # The same with a 120 × 300 matrix: FSDP2 cuts its short side (rows), so the ranks
     # reshard it along its columns to share the 120 × 120 Gram matrix of its rows.
-    torch.manual_seed(1)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return mn.Linear(120, 5) @ mn.GELU() @ mn.Linear(300, 120) @ mn.GELU() @ mn.Linear(12, 300)
-    finally:
-        torch.set_default_dtype(default)
+    return _mlp((300, 120))
 
 
 SPLIT_NETS = {"tall": (_tall_net, (300, 120)), "wide": (_wide_net, (120, 300))}
@@ -354,15 +354,19 @@ def _async_checkpoint(rank: int, path: Path) -> dict[str, Any]:
     }
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # 2 processes on a small machine
+def _join(rank: int, init_file: str, world: int = WORLD) -> None:
+    torch.set_num_threads(1)  # several processes on a small machine
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
         rank=rank,
-        world_size=WORLD,
+        world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    _join(rank, init_file)
     result = {
         "ddp": _ddp(rank, Path(out_dir) / "checkpoints"),
         "fsdp": _fsdp(rank),
@@ -378,14 +382,7 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=4,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    _join(rank, init_file, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     result = {}
     for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
