@@ -110,3 +110,21 @@ def test_config_validation() -> None:
         ex.SweepConfig(optimizers=["lion"]).validate()
     with pytest.raises(ValueError, match="needs text data"):
         ex.SweepConfig(model="gpt").validate()
+
+
+def test_build_model_passes_head_options_to_modnorm_compounds_only() -> None:
+    from modnorm import data as mn_data
+
+    data = mn_data.load("digits", input_noise=1.0)
+    cfg = ex.SweepConfig(model="resmlp")
+    net = ex.build_model(cfg, "modnorm-adam", 32, 2, data, output_scale=2.0, head_mass=4.0)
+    shares = [s for _, s in net.atom_shares()]  # type: ignore[operator]
+    # input layer, two blocks (mass 1 in all), head (4): shares of 6, halved by the multiplier
+    assert shares == pytest.approx([1 / 12, 1 / 12, 1 / 12, 4 / 12])
+    for option in ("output_scale", "head_mass"):
+        with pytest.raises(ValueError, match=f"{option} is an option of modnorm"):
+            ex.build_model(cfg, "adam", 32, 2, data, **{option: 2.0})
+        with pytest.raises(ValueError, match=f"{option} is an option of modnorm"):
+            ex.build_model(
+                ex.SweepConfig(model="mlp"), "modnorm-adam", 32, 2, data, **{option: 2.0}
+            )

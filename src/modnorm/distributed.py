@@ -412,11 +412,10 @@ def _split_dual(
 
     x, cut, long = _columns(atom, t)
     polar = _newton_schulz(x, precision=precision, reduce=_summed(group))
-    local = cut.to_local()  # type: ignore[attr-defined]
+    assert isinstance(t, DTensor) and isinstance(cut, DTensor)
+    local = cut.to_local()
     mats = polar.mT if long == 0 else polar
     dual = (cast("_MatrixAtomT", atom)._unmats(mats.to(local.dtype), local) * scale).contiguous()
-    assert isinstance(t, DTensor)
-    assert isinstance(cut, DTensor)
     out = DTensor.from_local(
         dual, cut.device_mesh, cut.placements, run_check=False, shape=t.shape, stride=t.stride()
     )
