@@ -128,8 +128,11 @@ SUITES: dict[str, list[Sweep]] = {
 }
 
 
-def select(sweeps: Sequence[Sweep], names: str | None, lrs: str | None) -> list[Sweep]:
-    """The sweeps named in ``names`` (all when ``None``), each on the grid ``lrs`` if given."""
+def select(
+    sweeps: Sequence[Sweep], names: str | None, lrs: str | None, seeds: int | None = None
+) -> list[Sweep]:
+    """The sweeps named in ``names`` (all when ``None``), each on the grid ``lrs`` and over
+    ``seeds`` seeds if given."""
     chosen = list(sweeps)
     if names is not None:
         wanted = [n.strip() for n in names.split(",")]
@@ -141,6 +144,10 @@ def select(sweeps: Sequence[Sweep], names: str | None, lrs: str | None) -> list[
     if lrs is not None:
         grid = ex.parse_lrs(lrs)
         chosen = [Sweep(sw.name, replace(sw.config, lrs=grid)) for sw in chosen]
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be a positive integer, got {seeds}")
+        chosen = [Sweep(sw.name, replace(sw.config, seeds=seeds)) for sw in chosen]
     return chosen
 
 
@@ -368,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--lrs", help="replace every sweep's lr grid, e.g. 2^-4:2^6 (say so beside the results)"
     )
+    p.add_argument("--seeds", type=int, help="replace every sweep's number of seeds")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")
@@ -394,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = "python -m benchmarks.transfer " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-        sweeps = select(SUITES[args.suite], args.sweeps, args.lrs)
+        sweeps = select(SUITES[args.suite], args.sweeps, args.lrs, args.seeds)
         run_suite(sweeps, out, methods, progress=not args.no_progress, command=command)
     print(report(load_suite(out)))
 

@@ -104,12 +104,16 @@ def test_methods_without_the_model_or_depth_are_skipped() -> None:
         tr.plan(_tiny([8]), ["adam2"])
 
 
-def test_a_suite_can_be_narrowed_to_some_sweeps_on_another_grid() -> None:
+def test_a_suite_can_be_narrowed_to_some_sweeps_on_another_grid_or_seeds() -> None:
     suite = [_tiny([8]), _tiny([1, 2], "depth")]
     (only,) = tr.select(suite, "tiny-depth", "2^-2:2^1")
     assert only.name == "tiny-depth" and only.config.lrs == [0.25, 0.5, 1.0, 2.0]
     assert only.config.values == [1, 2] and suite[1].config.lrs == [2.0**-4, 2.0**-1]
     assert tr.select(suite, None, None) == suite
+    (three,) = tr.select(suite, "tiny-depth", None, seeds=3)
+    assert three.config.seeds == 3 and three.config.lrs == suite[1].config.lrs
+    with pytest.raises(ValueError, match="seeds"):
+        tr.select(suite, None, None, seeds=0)
     with pytest.raises(ValueError, match=r"unknown sweep\(s\) \['gpt-width'\]"):
         tr.select(suite, "gpt-width", None)
 
