@@ -209,19 +209,25 @@ RESIDUAL: dict[str, tuple[Any, Any, float]] = {
 }
 
 
+def _with_and_without(name: str, **option: float) -> tuple[mn.Module, mn.Module, torch.Tensor]:
+    """The compound without and with ``option``, from the same seed (so the same weights:
+    the head is built last), and an input batch."""
+    make, x, _ = RESIDUAL[name]
+    torch.manual_seed(0)
+    plain = make()
+    torch.manual_seed(0)
+    other = make(**option)
+    for p, q in zip(plain.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q)
+    return plain, other, x()
+
+
 @pytest.mark.parametrize("name", list(RESIDUAL))
 def test_output_scale_multiplies_the_logits_and_shifts_the_shares(name: str) -> None:
     # μP's output multiplier: its sensitivity divides every atom's share of an update, so a
     # step moves the weights 4× less for the same bound on the change of the logits; the
     # other weights are initialized as without it
-    make, x, _ = RESIDUAL[name]
-    torch.manual_seed(0)
-    plain = make()
-    torch.manual_seed(0)
-    scaled = make(output_scale=4.0)
-    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
-        assert torch.equal(p, q)
-    batch = x()
+    plain, scaled, batch = _with_and_without(name, output_scale=4.0)
     torch.testing.assert_close(scaled(batch), 4 * plain(batch))
     assert scaled.sensitivity == pytest.approx(4 * plain.sensitivity)
     assert scaled.mass == plain.mass
@@ -230,7 +236,7 @@ def test_output_scale_multiplies_the_logits_and_shifts_the_shares(name: str) -> 
     assert scaled_shares == pytest.approx([s / 4 for s in shares])
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="output_scale"):
-            make(output_scale=bad)
+            RESIDUAL[name][0](output_scale=bad)
 
 
 @pytest.mark.parametrize("name", list(RESIDUAL))
@@ -238,14 +244,8 @@ def test_head_mass_gives_the_head_its_share_of_each_step(name: str) -> None:
     # the head's share is m / (m + the others' mass): input layer or embeddings 1, blocks
     # 1 (ResMLP), 20 (ResCNN) or 5 (GPT); the rest keep their ratios, and the function and
     # the weights are those of the nominal network
-    make, x, others = RESIDUAL[name]
-    torch.manual_seed(0)
-    plain = make()
-    torch.manual_seed(0)
-    heavy = make(head_mass=8.0)
-    for p, q in zip(plain.parameters(), heavy.parameters(), strict=True):
-        assert torch.equal(p, q)
-    batch = x()
+    plain, heavy, batch = _with_and_without(name, head_mass=8.0)
+    others = RESIDUAL[name][2]
     torch.testing.assert_close(heavy(batch), plain(batch))
     assert plain.mass == pytest.approx(1 + others) and heavy.mass == pytest.approx(8 + others)
     shares = plain.atom_shares()
@@ -259,4 +259,4 @@ def test_head_mass_gives_the_head_its_share_of_each_step(name: str) -> None:
         assert t == pytest.approx(want), i
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="head_mass"):
-            make(head_mass=bad)
+            RESIDUAL[name][0](head_mass=bad)
