@@ -137,6 +137,9 @@ def ablate(
     parser.add_argument("--width", type=int, default=width)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=steps, help=f"default {steps}")
+    parser.add_argument(
+        "--lrs", help="comma-separated log2 lrs, run instead of each variant's grid (e.g. -8,-7)"
+    )
     parser.add_argument("--variants", default=",".join(grids), help="comma-separated")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=out)
@@ -145,24 +148,31 @@ def ablate(
     unknown = [n for n in names if n not in grids]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: choose from {list(grids)}")
-    jobs = [(n, args.width, args.blocks, k, args.steps) for n in names for k in grids[n]]
+    chosen = {n: [int(k) for k in args.lrs.split(",")] if args.lrs else grids[n] for n in names}
+    jobs = [(n, args.width, args.blocks, k, args.steps) for n in names for k in chosen[n]]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
     budget = "" if args.steps == steps else f"_steps{args.steps}"
     path = args.out / f"width{args.width}_blocks{args.blocks}{budget}.json"
-    report(rows, {n: grids[n] for n in names}, title(args.width, args.blocks, args.steps), path)
+    report(rows, names, title(args.width, args.blocks, args.steps), path)
 
 
-def report(rows: list[dict[str, Any]], grids: dict[str, list[int]], title: str, path: Path) -> None:
-    """Print each variant's best lr and loss (``*``: on its grid's edge) and write ``path``;
-    variants not run this time keep their rows from an earlier file."""
+def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path) -> None:
+    """Print each variant's best lr and loss (``*``: on the edge of the lrs it has run) and
+    write ``path``; the runs not repeated this time keep their rows from an earlier file."""
     if path.exists():
-        kept = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in grids]
+        ran = {(r["variant"], r["log2_lr"]) for r in rows}
+        kept = [
+            r
+            for r in json.loads(path.read_text())["rows"]
+            if (r["variant"], r["log2_lr"]) not in ran
+        ]
         rows = kept + rows
     print(f"{title}, seed 0")
     print("| variant | best lr | best train loss | at each lr |\n|---|---|---|---|")
-    for n, grid in grids.items():
-        mine = [r for r in rows if r["variant"] == n]
+    for n in names:
+        mine = sorted((r for r in rows if r["variant"] == n), key=lambda r: r["log2_lr"])
+        grid = [r["log2_lr"] for r in mine]
         best = min(mine, key=lambda r: r["train_loss"])
         each = ", ".join(f"2^{r['log2_lr']}: {r['train_loss']:.3f}" for r in mine)
         on_edge = best["log2_lr"] in (grid[0], grid[-1])

@@ -151,7 +151,7 @@ def muon_with_modnorms_init(
 
 Variant = tuple[Builder, list[int]]
 VARIANTS: dict[str, Variant] = {
-    "muon on the torch.nn GPT": (peers.muon, [-7, -6, -5, -4]),
+    "muon on the torch.nn GPT": (peers.muon, [-8, -7, -6, -5, -4]),
     "muon on the torch.nn GPT without biases or gains": (
         muon_without_biases_or_gains,
         [-9, -8, -7, -6, -5, -4],
@@ -161,11 +161,11 @@ VARIANTS: dict[str, Variant] = {
         [-8, -7, -6, -5, -4],
     ),
     "Muon + AdamW on modnorm's GPT": (muon_on_modnorm_gpt, [-8, -7, -6, -5, -4, -3, -2]),
-    "modnorm-dual": (peers.modnorm_method("modnorm-dual"), [-3, -2, -1, 0]),
+    "modnorm-dual": (peers.modnorm_method("modnorm-dual"), [-4, -3, -2, -1, 0]),
     "modnorm-adam": (peers.modnorm_method("modnorm-adam"), [-2, -1, 0, 1]),
     "modnorm-dual with blocks mass 20": (
         peers.modnorm_dual_gpt_blocks_mass(20.0),
-        [-3, -2, -1, 0],
+        [-4, -3, -2, -1, 0],
     ),
     "modnorm-dual with blocks mass 1": (
         peers.modnorm_dual_gpt_blocks_mass(1.0),
