@@ -82,8 +82,9 @@ def _rescnn(widths: list[int], depths: list[int], lrs: str, seeds: int) -> list[
         depth=2,
     )
     sweeps = [Sweep("rescnn-width", _cfg(scale="width", values=widths, **common))]
-    if depths:  # at the width sweeps' smallest width
-        sweeps.append(Sweep("rescnn-depth", _cfg(scale="depth", values=depths, width=16, **common)))
+    if depths:  # at the width sweep's smallest width
+        depth = _cfg(scale="depth", values=depths, width=min(widths), **common)
+        sweeps.append(Sweep("rescnn-depth", depth))
     return sweeps
 
 
@@ -96,13 +97,13 @@ def _gpt(widths: list[int], depths: list[int], lrs: str) -> list[Sweep]:
         steps=300,
         batch_size=12,
         seeds=1,
-        width=64,
         depth=2,
         context=64,
     )
     sweeps = [Sweep("gpt-width", _cfg(scale="width", values=widths, **common))]
-    if depths:
-        sweeps.append(Sweep("gpt-depth", _cfg(scale="depth", values=depths, **common)))
+    if depths:  # at the width sweep's smallest width
+        depth = _cfg(scale="depth", values=depths, width=min(widths), **common)
+        sweeps.append(Sweep("gpt-depth", depth))
     return sweeps
 
 
