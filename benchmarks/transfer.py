@@ -53,27 +53,40 @@ def _cfg(**kw: Any) -> ex.SweepConfig:
     return ex.SweepConfig(optimizers=[], **kw)
 
 
+def _sweeps(
+    model: str, widths: list[int], depths: list[int], depth_width: int | None = None, **common: Any
+) -> list[Sweep]:
+    """``<model>-width`` over ``widths`` and, if ``depths``, ``<model>-depth`` over them at
+    ``depth_width`` (default: the width sweep's smallest width)."""
+    sweeps = [Sweep(f"{model}-width", _cfg(model=model, scale="width", values=widths, **common))]
+    if depths:
+        width = min(widths) if depth_width is None else depth_width
+        depth = _cfg(model=model, scale="depth", values=depths, width=width, **common)
+        sweeps.append(Sweep(f"{model}-depth", depth))
+    return sweeps
+
+
 def _resmlp(widths: list[int], depths: list[int], lrs: str, steps: int, seeds: int) -> list[Sweep]:
-    common = dict(
-        model="resmlp",
+    return _sweeps(
+        "resmlp",
+        widths,
+        depths,
+        depth_width=64,
         data="digits",
         lrs=ex.parse_lrs(lrs),
         steps=steps,
         batch_size=128,
         seeds=seeds,
         input_noise=NOISE,
-        width=64,
         depth=2,
     )
-    return [
-        Sweep("resmlp-width", _cfg(scale="width", values=widths, **common)),
-        Sweep("resmlp-depth", _cfg(scale="depth", values=depths, **common)),
-    ]
 
 
 def _rescnn(widths: list[int], depths: list[int], lrs: str, seeds: int) -> list[Sweep]:
-    common = dict(
-        model="rescnn",
+    return _sweeps(
+        "rescnn",
+        widths,
+        depths,
         data="digits",
         lrs=ex.parse_lrs(lrs),
         steps=200,
@@ -81,17 +94,14 @@ def _rescnn(widths: list[int], depths: list[int], lrs: str, seeds: int) -> list[
         input_noise=NOISE,
         depth=2,
     )
-    sweeps = [Sweep("rescnn-width", _cfg(scale="width", values=widths, **common))]
-    if depths:  # at the width sweep's smallest width
-        depth = _cfg(scale="depth", values=depths, width=min(widths), **common)
-        sweeps.append(Sweep("rescnn-depth", depth))
-    return sweeps
 
 
 def _gpt(widths: list[int], depths: list[int], lrs: str) -> list[Sweep]:
     # CPU: a reduced budget (300 steps of 12 × 64 characters).
-    common = dict(
-        model="gpt",
+    return _sweeps(
+        "gpt",
+        widths,
+        depths,
         data=f"text:{SHAKESPEARE}",
         lrs=ex.parse_lrs(lrs),
         steps=300,
@@ -100,11 +110,6 @@ def _gpt(widths: list[int], depths: list[int], lrs: str) -> list[Sweep]:
         depth=2,
         context=64,
     )
-    sweeps = [Sweep("gpt-width", _cfg(scale="width", values=widths, **common))]
-    if depths:  # at the width sweep's smallest width
-        depth = _cfg(scale="depth", values=depths, width=min(widths), **common)
-        sweeps.append(Sweep("gpt-depth", depth))
-    return sweeps
 
 
 SUITES: dict[str, list[Sweep]] = {
@@ -113,7 +118,7 @@ SUITES: dict[str, list[Sweep]] = {
     # The quick suite over three seeds (seed 0's runs are the quick suite's).
     "quick3": _resmlp([32, 256], [2, 32], "2^-11:2^3", steps=200, seeds=3),
     # The 32× width of issue #6's target at the quick suite's grid and budget, one seed.
-    "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1)[:1],
+    "wide": _resmlp([32, 1024], [], "2^-11:2^3", steps=200, seeds=1),
     # The other two models at 4× width and 4× (GPT) or 8× (ResCNN) depth, the quick suite's
     # grid, one seed.
     "models": [
