@@ -21,6 +21,7 @@ reported and skipped by the harness, never imported here at module level.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Iterator
@@ -86,36 +87,56 @@ def torch_adamw(
     return model, [torch.optim.AdamW(model.parameters(), lr=lr)]  # default weight decay 0.01
 
 
+# The parametrized builders are partials of module-level functions, so that a sweep can send
+# them to worker processes (``--jobs``).
+
+
+def _modnorm(
+    cfg: ex.SweepConfig,
+    data: Dataset,
+    width: int,
+    depth: int,
+    lr: float,
+    device: str,
+    *,
+    name: str,
+    calibrate: bool,
+) -> Built:
+    model = ex.build_model(cfg, name, width, depth, data).to(device)
+    if calibrate:
+        x, _ = data.batch(256, torch.Generator().manual_seed(12_345), cfg.context)
+        calibrate_(cast(Module, model), x.to(device))
+    return model, [ex.build_optimizer(name, model, lr)]
+
+
 def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
     """modnorm's compound and optimizer ``name`` (one of ``modnorm.experiments.OPTIMIZERS``);
     with ``calibrate``, each RMSDivide first declares the input RMS it sees on a batch of 256
     (`modnorm.diagnostics.calibrate_`), drawn from its own generator."""
+    return functools.partial(_modnorm, name=name, calibrate=calibrate)
 
-    def build(
-        cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
-    ) -> Built:
-        model = ex.build_model(cfg, name, width, depth, data).to(device)
-        if calibrate:
-            x, _ = data.batch(256, torch.Generator().manual_seed(12_345), cfg.context)
-            calibrate_(cast(Module, model), x.to(device))
-        return model, [ex.build_optimizer(name, model, lr)]
 
-    return build
+def _modnorm_adam_head(
+    cfg: ex.SweepConfig,
+    data: Dataset,
+    width: int,
+    depth: int,
+    lr: float,
+    device: str,
+    *,
+    output_scale: float,
+    head_mass: float,
+) -> Built:
+    model = ex.build_model(
+        cfg, "modnorm-adam", width, depth, data, output_scale=output_scale, head_mass=head_mass
+    )
+    return model.to(device), [mn_optim.Adam(cast(Module, model), lr)]
 
 
 def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.Builder:
     """modnorm-adam on a residual compound whose head is multiplied by ``output_scale`` and
     has mass ``head_mass``."""
-
-    def build(
-        cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
-    ) -> Built:
-        model = ex.build_model(
-            cfg, "modnorm-adam", width, depth, data, output_scale=output_scale, head_mass=head_mass
-        )
-        return model.to(device), [mn_optim.Adam(cast(Module, model), lr)]
-
-    return build
+    return functools.partial(_modnorm_adam_head, output_scale=output_scale, head_mass=head_mass)
 
 
 def modnorm_dual_mixed(
@@ -126,17 +147,23 @@ def modnorm_dual_mixed(
     return model, [mn_optim.Dual(cast(Module, model), lr, precision="mixed")]
 
 
+def _modnorm_dual_gpt(
+    cfg: ex.SweepConfig,
+    data: Dataset,
+    width: int,
+    depth: int,
+    lr: float,
+    device: str,
+    *,
+    blocks_mass: float,
+) -> Built:
+    model = GPT(data.num_classes, cfg.context, width, cfg.num_heads, depth, blocks_mass=blocks_mass)
+    return model.to(device), [mn_optim.Dual(model, lr)]
+
+
 def modnorm_dual_gpt_blocks_mass(mass: float) -> ex.Builder:
     """modnorm-dual on a GPT whose residual blocks carry mass ``mass`` (5 by default)."""
-
-    def build(
-        cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
-    ) -> Built:
-        classes = data.num_classes
-        model = GPT(classes, cfg.context, width, cfg.num_heads, depth, blocks_mass=mass)
-        return model.to(device), [mn_optim.Dual(model, lr)]
-
-    return build
+    return functools.partial(_modnorm_dual_gpt, blocks_mass=mass)
 
 
 # ---- μP ----------------------------------------------------------------------------------------

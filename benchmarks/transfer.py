@@ -129,7 +129,7 @@ SUITES: dict[str, list[Sweep]] = {
     "full": [
         *_resmlp([32, 64, 128, 256, 512, 1024], [2, 4, 8, 16, 32], "2^-14:2^3", 200, 3),
         *_rescnn([16, 32, 64, 128], [2, 4, 8, 16], "2^-14:2^3", 3),
-        *_gpt([64, 128, 256], [2, 4, 8], "2^-14:2^3"),
+        *_gpt([64, 128, 256, 512], [2, 4, 8], "2^-14:2^3"),
     ],
 }
 
@@ -186,8 +186,11 @@ def run_suite(
     figures: bool = True,
     command: str = "",
     log: Any = print,
+    device: str = "cpu",
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every sweep into ``out/<sweep>/``; return the results of each."""
+    """Run (or resume) every sweep into ``out/<sweep>/`` on ``device``, ``jobs`` runs at a
+    time; return the results of each."""
     results = []
     for sweep in sweeps:
         cfg, skipped = plan(sweep, methods)
@@ -201,7 +204,7 @@ def run_suite(
             continue
         data = mn_data.load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
         builders = {name: METHODS[name].build for name in cfg.optimizers}
-        r = ex.run_sweep(cfg, out / sweep.name, data, progress=progress, log=log, builders=builders)
+        r = ex.run_sweep(cfg, out / sweep.name, data, device, progress, log, builders, jobs=jobs)
         r.update(
             sweep=sweep.name,
             skipped=skipped,
@@ -210,6 +213,7 @@ def run_suite(
                 "torch": torch.__version__,
                 "python": platform.python_version(),
                 "threads": torch.get_num_threads(),
+                "jobs": jobs,  # runs at a time: wall times compare only at equal jobs
                 "machine": platform.machine(),
             },
             seed_spread=seed_spread(r["runs"], cfg.scale, r["summary"]),
@@ -382,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--lrs", help="replace every sweep's lr grid, e.g. 2^-4:2^6 (say so beside the results)"
     )
     p.add_argument("--seeds", type=int, help="replace every sweep's number of seeds")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    p.add_argument("--device", default="cpu", help="torch device of every run (default cpu)")
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -409,7 +415,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.argv[1:] if argv is None else argv
         )
         sweeps = select(SUITES[args.suite], args.sweeps, args.lrs, args.seeds)
-        run_suite(sweeps, out, methods, progress=not args.no_progress, command=command)
+        run_suite(
+            sweeps,
+            out,
+            methods,
+            progress=not args.no_progress,
+            command=command,
+            device=args.device,
+            jobs=args.jobs,
+        )
     print(report(load_suite(out)))
 
 

@@ -128,3 +128,17 @@ def test_build_model_passes_head_options_to_modnorm_compounds_only() -> None:
             ex.build_model(
                 ex.SweepConfig(model="mlp"), "modnorm-adam", 32, 2, data, **{option: 2.0}
             )
+
+
+def test_a_sweep_over_processes_refuses_what_it_cannot_send(tmp_path) -> None:
+    from modnorm.data import digits
+
+    cfg = ex.SweepConfig(values=[8], lrs=[0.1, 0.2], optimizers=["local"], steps=1)
+
+    def local(cfg, data, width, depth, lr, device):  # a closure: spawn cannot pickle it
+        raise AssertionError("never built")
+
+    with pytest.raises(ValueError, match="'local' cannot be pickled"):
+        ex.run_sweep(cfg, tmp_path, digits(), progress=False, builders={"local": local}, jobs=2)
+    with pytest.raises(ValueError, match="jobs must be a positive integer"):
+        ex.run_sweep(cfg, tmp_path, digits(), progress=False, builders={"local": local}, jobs=0)

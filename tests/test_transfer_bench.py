@@ -73,6 +73,24 @@ def test_every_available_method_runs_and_missing_ones_are_skipped(tmp_path: Path
     assert any("resuming" in line and "0 to go" in line for line in logs)
 
 
+def test_runs_spread_over_processes_equal_the_runs_of_one(tmp_path: Path) -> None:
+    # --jobs: the same runs, bit for bit, whichever process ran them (wall times aside)
+    names = [n for n, m in peers.METHODS.items() if m.missing() is None and "resmlp" in m.models]
+    serial, parallel = (
+        tr.run_suite([_tiny([8, 16])], tmp_path / str(jobs), names, False, False, jobs=jobs)[0]
+        for jobs in (1, 2)
+    )
+
+    def key(run: dict) -> tuple:
+        return run["optimizer"], run["width"], run["lr"], run["seed"]
+
+    assert len(parallel["runs"]) == len(serial["runs"]) == len(names) * 4
+    pairs = zip(sorted(serial["runs"], key=key), sorted(parallel["runs"], key=key), strict=True)
+    for a, b in pairs:
+        assert {**a, "wall_time": 0} == {**b, "wall_time": 0}
+    assert parallel["environment"]["jobs"] == 2
+
+
 def test_a_missing_package_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ghost = peers.Method("ghost", peers.torch_adam, ("resmlp",), ("no_such_package_xyz",))
     monkeypatch.setitem(peers.METHODS, "ghost", ghost)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -435,6 +437,28 @@ def load_results(out_dir: Path, cfg: SweepConfig) -> list[dict[str, Any]]:
     return list(saved.get("runs", []))
 
 
+_WORKER: dict[str, Any] = {}  # a sweep worker process's dataset and builders
+
+
+def _flushes_denormals() -> bool:
+    # torch has no getter for set_flush_denormal: a denormal times one is zero when it is on
+    return bool((torch.tensor([1e-39]) * 1.0).item() == 0.0)
+
+
+def _start_worker(
+    data: Dataset, builders: Mapping[str, Builder], threads: int, flush_denormal: bool
+) -> None:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush_denormal)
+    _WORKER.update(data=data, builders=builders)
+
+
+def _worker_run(job: tuple[Any, ...]) -> dict[str, Any]:
+    cfg, o, width, depth, lr, seed, device = job
+    build = _WORKER["builders"].get(o)
+    return train_one(cfg, _WORKER["data"], o, width, depth, lr, seed, device, build=build)
+
+
 def run_sweep(
     cfg: SweepConfig,
     out_dir: str | Path,
@@ -443,19 +467,25 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] = print,
     builders: Mapping[str, Builder] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every (optimizer, scale, lr, seed) of ``cfg`` not already in ``out_dir``, saving
     ``results.json`` after each run, and return the results with their summary. An optimizer
-    named in ``builders`` is built by its builder instead of ``build_model``/``build_optimizer``."""
+    named in ``builders`` is built by its builder instead of ``build_model``/``build_optimizer``.
+    With ``jobs`` > 1 the runs go to that many spawned processes, each with this process's
+    torch threads and denormal flushing; a run's result does not depend on ``jobs`` (its wall
+    time does)."""
     from tqdm.auto import tqdm
 
     builders = dict(builders or {})
     cfg.validate(known=[*OPTIMIZERS, *builders])
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs}")
     out = Path(out_dir)
     runs = load_results(out, cfg)
     done = {run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) for r in runs}
     todo = [
-        (o, v, lr, s)
+        (o, *((v, cfg.depth) if cfg.scale == "width" else (cfg.width, v)), lr, s)
         for o in cfg.optimizers
         for v in cfg.values
         for lr in cfg.lrs
@@ -464,31 +494,52 @@ def run_sweep(
     ]
     if done:
         log(f"resuming: {len(done)} runs already in {out / 'results.json'}, {len(todo)} to go")
-    bar = tqdm(todo, desc=f"{cfg.model} {cfg.scale} sweep", disable=not progress, unit="run")
-    for o, v, lr, s in bar:
-        width, depth = (v, cfg.depth) if cfg.scale == "width" else (cfg.width, v)
-        step_bar = tqdm(total=cfg.steps, leave=False, disable=not progress, unit="step")
+    bar = tqdm(total=len(todo), desc=f"{cfg.model} {cfg.scale} sweep", disable=not progress)
 
-        def tick(step: int, loss: float, step_bar: Any = step_bar) -> None:
-            step_bar.update(1)
-            if step % 20 == 0:
-                step_bar.set_postfix(loss=f"{loss:.3f}")
-
-        r = train_one(
-            cfg, data, o, width, depth, lr, s, device, on_step=tick, build=builders.get(o)
-        )
-        step_bar.close()
+    def record(r: dict[str, Any]) -> None:
         runs.append(r)
+        bar.update(1)
         status = (
             "diverged" if r["diverged"] else f"train {r['train_loss']:.4f}  val {r['val_loss']:.4f}"
         )
         bar.write(
-            f"{o:>13} {cfg.scale} {v:>5} lr 2^{math.log2(lr):+.1f} seed {s}: {status}  "
-            f"({r['wall_time']:.1f}s)"
+            f"{r['optimizer']:>13} {cfg.scale} {r[cfg.scale]:>5} lr 2^{math.log2(r['lr']):+.1f} "
+            f"seed {r['seed']}: {status}  ({r['wall_time']:.1f}s)"
         )
         write_json_atomic(
             out / "results.json", {"schema": SCHEMA, "config": asdict(cfg), "runs": runs}
         )
+
+    if jobs == 1 or len(todo) <= 1:
+        for o, width, depth, lr, s in todo:
+            step_bar = tqdm(total=cfg.steps, leave=False, disable=not progress, unit="step")
+
+            def tick(step: int, loss: float, step_bar: Any = step_bar) -> None:
+                step_bar.update(1)
+                if step % 20 == 0:
+                    step_bar.set_postfix(loss=f"{loss:.3f}")
+
+            r = train_one(
+                cfg, data, o, width, depth, lr, s, device, on_step=tick, build=builders.get(o)
+            )
+            step_bar.close()
+            record(r)
+    else:
+        for name, build in builders.items():
+            try:
+                pickle.dumps(build)
+            except Exception as e:  # pickling raises several types (AttributeError, TypeError…)
+                raise ValueError(
+                    f"jobs > 1 sends each builder to a spawned process: the builder of {name!r} "
+                    f"cannot be pickled ({e}); use a module-level function or functools.partial"
+                ) from e
+        # spawn, not fork: a forked child inherits a CUDA context or OpenMP pool it cannot use
+        ctx = multiprocessing.get_context("spawn")
+        init = (data, builders, torch.get_num_threads(), _flushes_denormals())
+        with ctx.Pool(min(jobs, len(todo)), _start_worker, init) as pool:
+            for r in pool.imap_unordered(_worker_run, [(cfg, *t, device) for t in todo]):
+                record(r)
+    bar.close()
     results = {
         "schema": SCHEMA,
         "config": asdict(cfg),
