@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,11 @@ VARIANTS: dict[str, Variant] = {
 
 STEPS = 200  # the transfer sweeps' budget
 
-Job = tuple[str, int, int, int, int]  # variant, width, blocks, log2 lr, steps
+Job = tuple[str, int, int, int, int, int]  # variant, width, blocks, log2 lr, steps, seed
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, width, blocks, k, steps = job
+    name, width, blocks, k, steps, seed = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     make_net, make_opt, _ = VARIANTS[name]
@@ -116,9 +117,9 @@ def run(job: Job) -> dict[str, Any]:
         net = make_net(width, depth)
         return net, [make_opt(net, lr)]
 
-    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, 0, build=build)
+    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
     return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
-            "train_loss": r["train_loss"],
+            "seed": seed, "train_loss": r["train_loss"],
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
 
@@ -141,6 +142,7 @@ def ablate(
         "--lrs", help="comma-separated log2 lrs, run instead of each variant's grid (e.g. -8,-7)"
     )
     parser.add_argument("--variants", default=",".join(grids), help="comma-separated")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
@@ -149,7 +151,13 @@ def ablate(
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: choose from {list(grids)}")
     chosen = {n: [int(k) for k in args.lrs.split(",")] if args.lrs else grids[n] for n in names}
-    jobs = [(n, args.width, args.blocks, k, args.steps) for n in names for k in chosen[n]]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [
+        (n, args.width, args.blocks, k, args.steps, s)
+        for n in names
+        for k in chosen[n]
+        for s in seeds
+    ]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
     budget = "" if args.steps == steps else f"_steps{args.steps}"
@@ -157,27 +165,35 @@ def ablate(
     report(rows, names, title(args.width, args.blocks, args.steps), path)
 
 
+def _key(r: dict[str, Any]) -> tuple[str, int, int]:
+    return r["variant"], r["log2_lr"], r.get("seed", 0)  # rows from before seeds are seed 0
+
+
 def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path) -> None:
-    """Print each variant's best lr and loss (``*``: on the edge of the lrs it has run) and
-    write ``path``; the runs not repeated this time keep their rows from an earlier file."""
+    """Print each variant's best lr and loss, averaged over the seeds run at each lr (``*``:
+    on the edge of the lrs it has run; ``±``: the standard deviation over seeds at the best
+    lr) and write ``path``; the runs not repeated this time keep their rows from an earlier
+    file."""
     if path.exists():
-        ran = {(r["variant"], r["log2_lr"]) for r in rows}
-        kept = [
-            r
-            for r in json.loads(path.read_text())["rows"]
-            if (r["variant"], r["log2_lr"]) not in ran
-        ]
+        ran = {_key(r) for r in rows}
+        kept = [r for r in json.loads(path.read_text())["rows"] if _key(r) not in ran]
         rows = kept + rows
-    print(f"{title}, seed 0")
-    print("| variant | best lr | best train loss | at each lr |\n|---|---|---|---|")
+    print(title)
+    print("| variant | seeds | best lr | best train loss | at each lr |\n|---|---|---|---|---|")
     for n in names:
-        mine = sorted((r for r in rows if r["variant"] == n), key=lambda r: r["log2_lr"])
-        grid = [r["log2_lr"] for r in mine]
-        best = min(mine, key=lambda r: r["train_loss"])
-        each = ", ".join(f"2^{r['log2_lr']}: {r['train_loss']:.3f}" for r in mine)
-        on_edge = best["log2_lr"] in (grid[0], grid[-1])
-        print(f"| {n} | 2^{best['log2_lr']}{'*' if on_edge else ''} "
-              f"| {best['train_loss']:.3f} | {each} |")  # fmt: skip
+        by_lr: dict[int, list[float]] = {}
+        for r in rows:
+            if r["variant"] == n:
+                by_lr.setdefault(r["log2_lr"], []).append(r["train_loss"])
+        grid = sorted(by_lr)
+        mean = {k: statistics.fmean(v) for k, v in by_lr.items()}
+        best = min(grid, key=lambda k: mean[k])
+        spread = f" ± {statistics.stdev(by_lr[best]):.3f}" if len(by_lr[best]) > 1 else ""
+        seeds = "/".join(str(len(by_lr[k])) for k in grid)
+        each = ", ".join(f"2^{k}: {mean[k]:.3f}" for k in grid)
+        on_edge = best in (grid[0], grid[-1])
+        print(f"| {n} | {seeds} | 2^{best}{'*' if on_edge else ''} "
+              f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"(* on the grid's edge) wrote {path}")

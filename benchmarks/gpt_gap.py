@@ -186,15 +186,15 @@ VARIANTS: dict[str, Variant] = {
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, width, blocks, k, steps = job
+    name, width, blocks, k, steps, seed = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     build, _ = VARIANTS[name]
     cfg = replace(CONFIG, depth=blocks, steps=steps)
     data = mn_data.load(cfg.data)
-    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, 0, build=build)
+    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
     return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
-            "train_loss": r["train_loss"],
+            "seed": seed, "train_loss": r["train_loss"],
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
 

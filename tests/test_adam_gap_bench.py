@@ -3,6 +3,10 @@ network the transfer benchmark trains, and the unchanged one is that network."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from benchmarks import adam_gap as ag
@@ -38,6 +42,29 @@ def test_every_variant_changes_the_network_or_the_optimizer() -> None:
 
 
 def test_one_run_trains() -> None:
-    r = ag.run(("plain residuals", 16, 2, -1, ag.STEPS))
+    r = ag.run(("plain residuals", 16, 2, -1, ag.STEPS, 0))
     assert r["variant"] == "plain residuals" and r["blocks"] == 2 and not r["diverged"]
     assert 0 < r["train_loss"] < 2.3  # below chance (ln 10) after 200 steps
+
+
+def test_report_averages_seeds_and_keeps_earlier_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.json"
+
+    def row(k: int, loss: float, **seed: int) -> dict:
+        return {"variant": "v", "log2_lr": k, "train_loss": loss, **seed}
+
+    # an earlier file from before seeds: its rows are seed 0
+    path.write_text(json.dumps({"rows": [row(-1, 0.30), row(0, 0.20)]}))
+    ag.report([row(0, 0.26, seed=1), row(-1, 0.22, seed=1)], ["v"], "t", path)
+    out = capsys.readouterr().out
+    # means 0.26 at 2^-1 and 0.23 at 2^0: the best is 2^0 (on the grid's edge)
+    assert "| v | 2/2 | 2^0* | 0.230 ± 0.042 | 2^-1: 0.260, 2^0: 0.230 |" in out
+    rows = json.loads(path.read_text())["rows"]
+    keys = sorted((r["log2_lr"], r.get("seed", 0)) for r in rows)
+    assert keys == [(-1, 0), (-1, 1), (0, 0), (0, 1)]
+    # a rerun of a seed replaces its row, not the others
+    ag.report([row(0, 0.10, seed=1)], ["v"], "t", path)
+    assert len(json.loads(path.read_text())["rows"]) == 4
+    assert "2^0: 0.150" in capsys.readouterr().out

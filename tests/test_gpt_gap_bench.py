@@ -92,7 +92,7 @@ def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     text = tmp_path / "abc.txt"
     text.write_text("the cat sat on the mat. " * 400)
     monkeypatch.setattr(gg, "CONFIG", replace(gg.CONFIG, data=f"text:{text}", steps=30))
-    r = gg.run(("modnorm-dual", 16, 1, -1, gg.CONFIG.steps))
+    r = gg.run(("modnorm-dual", 16, 1, -1, gg.CONFIG.steps, 0))
     assert r["variant"] == "modnorm-dual" and r["blocks"] == 1 and not r["diverged"]
     assert 0 < r["train_loss"] < 2.0  # a repeated sentence of 10 characters: below chance
 

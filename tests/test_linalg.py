@@ -1,3 +1,4 @@
+import functools
 import warnings
 
 import pytest
@@ -284,7 +285,6 @@ def test_captured_lanczos_steps_replay_to_the_eager_results(
     monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
     monkeypatch.setattr(linalg, "_capture", capture)
     monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
-    monkeypatch.setattr(linalg, "_steps_needed", lambda *args: 0)  # the eager schedule
     va = vb = None
     for i in range(5):
         sa, va = spectral_norms(a[i], va)
@@ -405,8 +405,9 @@ def test_a_shape_first_checks_after_the_steps_its_last_call_needed(
     monkeypatch: pytest.MonkeyPatch, host_copies: list[torch.Size]
 ) -> None:
     # On CUDA (here: the CPU with cached workspaces and the accelerator's check interval) a
-    # call like the last one copies to the host once, and never stops earlier than a check
-    # after every step would have.
+    # call like the last one copies to the host once, never stops earlier than a check after
+    # every step would have, and returns exactly what that check gives: a resumed run, whose
+    # workspace starts without the memory, continues as if it never stopped.
     mats = _drifting(3, 200, 150, 6, seed=5)
     copies = host_copies
     every_step = []  # steps taken, and the result, checking after every step (the CPU's rule)
@@ -414,27 +415,54 @@ def test_a_shape_first_checks_after_the_steps_its_last_call_needed(
     for w in mats:
         copies.clear()
         sigma, v = spectral_norms(w, v)
-        every_step.append((sum(c[0] for c in copies), sigma))
+        every_step.append((sum(c[0] for c in copies), sigma, v))
     monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", 2)
     monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
     monkeypatch.setattr(linalg, "_capture", lambda ws, steps: steps() or steps)
     monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
     v, syncs = None, []
-    for w, (needed, eager) in zip(mats, every_step, strict=True):
+    for w, (needed, eager, eager_v) in zip(mats, every_step, strict=True):
         copies.clear()
         sigma, v = spectral_norms(w, v)
         (ws,) = linalg._WORKSPACES.values()
         assert ws.needed == needed  # what this call would have taken checking every step
         assert sum(c[0] for c in copies) >= needed  # and it took at least that many
-        exact = torch.linalg.matrix_norm(w, ord=2)
-        assert (sigma - exact).abs().max() <= (eager - exact).abs().max() + 1e-6 * exact.max()
+        assert torch.equal(sigma, eager) and torch.equal(v, eager_v)
         syncs.append(len(copies))
-    # against the same schedule without the memory: fewer synchronizations in all
-    monkeypatch.setattr(linalg, "_steps_needed", lambda *args: 0)
+    # against the same schedule without the memory: fewer synchronizations in all, and the
+    # same results bit for bit
+    forget = property(lambda ws: 0, lambda ws, steps: None)
+    monkeypatch.setattr(linalg._Workspace, "needed", forget, raising=False)
     monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
     v, forgetful = None, []
-    for w in mats:
+    for w, (_, eager, eager_v) in zip(mats, every_step, strict=True):
         copies.clear()
-        _, v = spectral_norms(w, v)
+        sigma, v = spectral_norms(w, v)
+        assert torch.equal(sigma, eager) and torch.equal(v, eager_v)
         forgetful.append(len(copies))
     assert sum(syncs[1:]) < sum(forgetful[1:]) and syncs[0] == forgetful[0]
+
+
+def test_captured_graphs_are_a_few_fixed_runs_of_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Calls whose schedules differ (the memory above moves the first check) replay the same
+    # graphs: each covers the steps from a multiple of _GRAPH_STEPS to the next, so a shape
+    # captures at most one graph per such run of steps, however many calls it serves.
+    keys: list[tuple[int, int]] = []
+
+    def capture(ws: object, steps: functools.partial) -> object:  # type: ignore[type-arg]
+        keys.append(steps.args)
+        steps()
+        return steps
+
+    monkeypatch.setitem(linalg._CHECK_EVERY, "cpu", 2)
+    monkeypatch.setattr(linalg, "_graphs_on", lambda device: True)
+    monkeypatch.setattr(linalg, "_capture", capture)
+    monkeypatch.setattr(linalg, "_WORKSPACES", linalg.collections.OrderedDict())
+    v, needed = None, set()
+    for w in _drifting(3, 200, 150, 8, seed=6) + _drifting(3, 200, 150, 8, seed=7):
+        _, v = spectral_norms(w, v)
+        needed.add(next(iter(linalg._WORKSPACES.values())).needed)
+    assert len(needed) > 2  # the schedules did differ
+    g = linalg._GRAPH_STEPS
+    assert len(keys) == len(set(keys))  # nothing captured twice
+    assert all(lo % g == 0 and hi == lo + g for lo, hi in keys)

@@ -13,7 +13,7 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ _MIN_STEPS = 4
 # check waits for the device (a host synchronization) and an extra step only makes the
 # estimate closer; on the CPU a check costs nothing and an extra step costs its products.
 _CHECK_EVERY = {"cpu": 1, "accelerator": 2}
+
+# On CUDA the Lanczos steps replay as captured graphs of this many steps.
+_GRAPH_STEPS = _CHECK_EVERY["accelerator"]
 
 # Below this many rows or columns the spectral norm is computed exactly.
 _EXACT_BELOW = 96
@@ -64,8 +67,9 @@ def spectral_norms(
     after a few steps. The whole batch moves in lockstep until every estimate changes by less
     than ``tol`` (relative) between checks of that rule: the first after ``_MIN_STEPS``
     steps, then every step on the CPU and every second step on an accelerator, where each
-    check is a host synchronization. On CUDA the steps between two checks replay as one
-    captured CUDA graph. Matrices with a side of at most 96 get the exact value.
+    check is a host synchronization; the result is the one a check after every step gives.
+    On CUDA the steps replay as captured CUDA graphs. Matrices with a side of at most 96 get
+    the exact value.
 
     Like any single-vector Krylov method it can stop at ``σ₂`` when the start has almost no
     component along the top singular vector and ``σ₂`` is close to ``σ₁``: from a cold start,
@@ -174,8 +178,8 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
         # A shape's workspace remembers how many steps its last call needed: on CUDA, where
         # steps are replayed graphs and checks are synchronizations, the first check waits
         # for that many, so a call like the last one synchronizes once.
-        first = min(max(_MIN_STEPS, ws.needed), k_max)
         every = _CHECK_EVERY["cpu" if w.device.type == "cpu" else "accelerator"]
+        first = min(-(-max(_MIN_STEPS, ws.needed) // every) * every, k_max)
         steps = 0
         while steps < k_max:
             end = min(first if steps < first else steps + every, k_max)
@@ -191,9 +195,14 @@ def _lanczos(w: Tensor, v0: Tensor | None, tol: float, max_iter: int) -> _Run:
             est = new_est
             if done:
                 break
-        sigma, right = _top_singular(alphas, betas)
+        # The result is the one a check after every step gives, whatever the schedule took:
+        # the extra steps of a coarser one must not change it, or a run resumed from a
+        # checkpoint (a fresh workspace, no memory) would not continue exactly.
+        if every > 1 or first > _MIN_STEPS:
+            steps = _steps_needed(alphas, betas, tol)
+        sigma, right = _top_singular(alphas[:steps], betas)
         if ws.graphs is not None:
-            ws.needed = _steps_needed(alphas, betas, tol)
+            ws.needed = steps
         # The Ritz vectors lifted back: the next call's warm starts.
         coef = torch.as_tensor(right, dtype=dtype).to(w.device)
         v_top = torch.bmm(coef[:, None], ws.vs[:, :steps])[:, 0]
@@ -245,10 +254,10 @@ class _Workspace:
     """The buffers of a Lanczos run: the matrices ``a``, the Lanczos vectors as rows ``us``
     and ``vs`` (kept for full reorthogonalization), and every step's ``(α, β)`` in ``ab``.
 
-    On CUDA one workspace per shape lives on and its runs of steps are captured as CUDA
-    graphs: there the iteration is bound by kernel launches (about 20 small kernels a step,
-    each costing more host time than device time), and a graph replays them at the cost of
-    one. It keeps a copy of the matrices (the size of the update) between calls.
+    On CUDA one workspace per shape lives on and its steps are captured as CUDA graphs, two
+    steps each: there the iteration is bound by kernel launches (about 20 small kernels a
+    step, each costing more host time than device time), and a graph replays them at the
+    cost of one. It keeps a copy of the matrices (the size of the update) between calls.
     """
 
     def __init__(
@@ -270,6 +279,7 @@ class _Workspace:
         self.tiny = torch.finfo(dtype).tiny
         self.lock = threading.Lock()
         self.needed = 0  # Lanczos steps the last run needed (cached workspaces only)
+        self.pool: Any = None  # the memory pool of its CUDA graphs
 
     def load(self, w: Tensor) -> None:
         if self.graphs is not None:
@@ -282,19 +292,29 @@ class _Workspace:
             self.lock.release()
 
     def run(self, start: int, end: int) -> None:
-        """Lanczos steps ``start … end − 1``: device work only, no host synchronization."""
+        """Lanczos steps ``start … end − 1``: device work only, no host synchronization.
+        Captured, they replay as graphs of ``_GRAPH_STEPS`` steps from multiples of it: a
+        graph per run of steps would be captured anew whenever a call's schedule differs
+        (each capture costs milliseconds and memory of its own)."""
         if self.graphs is None:
             self._steps(start, end)
             return
-        replay = self.graphs.get((start, end))
-        if replay is not None:
-            replay()
-            return
-        try:
-            self.graphs[(start, end)] = _capture(self, lambda: self._steps(start, end))
-        except _CaptureError as err:  # the steps ran; only their capture failed: stay eager
-            warnings.warn(f"Lanczos runs without CUDA graphs: {err}", RuntimeWarning, stacklevel=3)
-            self.graphs = None
+        lo = start
+        while lo < end:
+            hi = min(lo - lo % _GRAPH_STEPS + _GRAPH_STEPS, end)
+            replay = None if self.graphs is None else self.graphs.get((lo, hi))
+            if replay is not None:
+                replay()
+            elif self.graphs is None:  # a capture failed: the rest runs eagerly
+                self._steps(lo, hi)
+            else:
+                try:
+                    self.graphs[(lo, hi)] = _capture(self, functools.partial(self._steps, lo, hi))
+                except _CaptureError as err:  # the steps ran; only their capture failed
+                    msg = f"Lanczos runs without CUDA graphs: {err}"
+                    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                    self.graphs = None
+            lo = hi
 
     def _steps(self, start: int, end: int) -> None:
         a, us, vs, ab, tiny = self.a, self.us, self.vs, self.ab, self.tiny
@@ -332,8 +352,12 @@ def _capture(ws: _Workspace, steps: Callable[[], None]) -> Callable[[], None]:
         steps()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
+    if ws.pool is None:
+        ws.pool = torch.cuda.graph_pool_handle()
     try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # One memory pool for a shape's graphs: they replay one after another on one stream
+        # and write only into the workspace, so their temporaries may share addresses.
+        with torch.cuda.graph(graph, pool=ws.pool, capture_error_mode="thread_local"):
             steps()
     except RuntimeError as err:
         raise _CaptureError(str(err)) from err
