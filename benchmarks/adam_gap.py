@@ -134,6 +134,9 @@ def ablate(
 ) -> None:
     """The command line of an ablation: run the chosen variants over their lr grids
     (``grids``: log2 lrs by variant) in a pool of processes, then `report` them."""
+    commas = [n for n in grids if "," in n]
+    if commas:  # --variants is a comma-separated list
+        raise ValueError(f"variant names must not contain commas: {commas}")
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--width", type=int, default=width)
     parser.add_argument("--blocks", type=int, default=2)

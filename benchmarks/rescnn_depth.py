@@ -57,12 +57,12 @@ Variant = tuple[Callable[[int, int], Module], bool]  # the network, and whether 
 
 VARIANTS: dict[str, Variant] = {
     "ResCNN": (rescnn, True),
-    "ResCNN, kernel 1": (lambda w, b: rescnn(w, b, kernel=1), True),
-    "ResCNN, blocks mass 1": (lambda w, b: rescnn(w, b, blocks_mass=1.0), True),
-    "ResCNN, normalized per pixel": (lambda w, b: rescnn(w, b, dims=(1,)), True),
-    "ResCNN, no pooling": (lambda w, b: rescnn(w, b, pool=False), True),
+    "ResCNN with kernel 1": (lambda w, b: rescnn(w, b, kernel=1), True),
+    "ResCNN with blocks mass 1": (lambda w, b: rescnn(w, b, blocks_mass=1.0), True),
+    "ResCNN normalized per pixel": (lambda w, b: rescnn(w, b, dims=(1,)), True),
+    "ResCNN without pooling": (lambda w, b: rescnn(w, b, pool=False), True),
     "ResMLP on the flattened images": (lambda w, b: ResMLP(64, 10, w, b), False),
-    "ResMLP, blocks mass 20": (lambda w, b: ResMLP(64, 10, w, b, blocks_mass=20.0), False),
+    "ResMLP with blocks mass 20": (lambda w, b: ResMLP(64, 10, w, b, blocks_mass=20.0), False),
 }
 
 

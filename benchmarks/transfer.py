@@ -8,6 +8,11 @@ u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr
     python -m benchmarks.transfer --suite full      # the published grid (resumable)
     python -m benchmarks.transfer --suite quick --table   # print the tables of saved results
     python -m benchmarks.transfer --refresh-docs    # docs/transfer.md's tables from the JSON
+    python -m benchmarks.transfer --suite full --sweeps gpt-width --device cuda --jobs 14
+
+``--jobs N`` runs N runs at a time, each in its own process (one torch thread each unless
+``--threads``): 2 on a 2-core machine halves a suite's time, and a GPU takes many small
+models at once. Results do not depend on it, wall times do (``environment.jobs``).
 
 Each sweep is a ``modnorm.experiments.run_sweep`` whose methods are built by
 ``benchmarks.peers``; it writes ``OUT/<sweep>/results.json`` (runs, summary, skipped methods,

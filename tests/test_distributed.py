@@ -382,9 +382,21 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    import modnorm.modules as modules
+
     _join(rank, init_file, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    result = {}
+    result: dict[str, Any] = {}
+    # the atoms this rank computes a norm or dual map of (not counting split atoms)
+    computed: list[int] = []
+    for fn in ("_atom_norms", "_atom_duals"):
+        original = getattr(modules, fn)
+
+        def counting(items: Any, *args: Any, original: Any = original) -> Any:
+            computed.append(len(items))
+            return original(items, *args)
+
+        setattr(modules, fn, counting)
     for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
         for name in SPLIT:
             net = make_net()
@@ -392,7 +404,9 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
                 fully_shard(atom, mesh=mesh)
             fully_shard(net, mesh=mesh)
             opt = OPTIMIZERS[name](net)
+            computed.clear()
             _train(net, opt, rank, 4)
+            result[f"{kind}_{name}_computed"] = sum(computed)
             result[f"{kind}_{name}"] = _full(net.parameters())
             result[f"{kind}_{name}_placements"] = [p.placements for p in net.parameters()]
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -844,14 +858,21 @@ def test_a_matrix_larger_than_an_even_share_is_computed_by_every_rank(
 
 
 def test_hsdp_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
-    # Each replica (2 ranks) computes the norms and dual maps of its own shards, split atoms
-    # included; the replicas agree, and with one process on the combined batch.
+    # The replicas (2 ranks each) split the atoms between them, each atom computed on one
+    # rank of the four (split atoms: by the two ranks of every replica); they agree with one
+    # process on the combined batch.
+    from torch.distributed.tensor import Replicate, Shard  # also: loading DTensors needs it
+
     runs = _spawn(_hsdp_worker, tmp_path, timeout=180.0, nprocs=4)
-    from torch.distributed.tensor import Replicate, Shard
 
     for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
         for name in SPLIT:
             net = make_net()
+            live = sum(share > 0 for _, share in net.atom_shares())
+            split = 0 if kind == "resmlp" else 1  # the 300 × 120 matrix (SPLIT_NETS)
+            # every step computes each other atom once in the world (a norm or a dual map)
+            computed = [run[f"{kind}_{name}_computed"] for run in runs]
+            assert sum(computed) == STEPS * (live - split), computed
             _train(net, OPTIMIZERS[name](net), 0, 1)
             want = _full(net.parameters())
             for rank, run in enumerate(runs):

@@ -24,9 +24,11 @@ and the dual map needs the whole matrix anyway; a gather is one collective per a
 warm starts live on the owners; :func:`share_warm_starts` copies them everywhere for a state
 dict. Supported layouts: ``Shard(d)`` (any ``d``) and ``Replicate`` placements, every tensor
 sharded over the same one dimension of the device mesh: what ``fully_shard`` makes on a 1-D
-mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D one, where each replica computes the
-norms and dual maps among its own ranks (the same in every replica, as the gradients are).
-A tensor sharded over two mesh dimensions (tensor parallel) raises a ``ValueError``.
+mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D one, where the replicas split the
+atoms too: each atom is computed in one replica (gathered among its ranks), which broadcasts
+its slices of the dual map to the same ranks of the others; the norms are all-reduced over
+both dimensions. (Split atoms are still computed in every replica.) A tensor sharded over two mesh
+dimensions (tensor parallel) raises a ``ValueError``.
 
 :func:`save_checkpoint` / :func:`load_checkpoint` save and resume a modnorm optimizer and its
 module with ``torch.distributed.checkpoint`` (sharded, resumable on any number of ranks), and
@@ -82,6 +84,13 @@ def any_sharded(tensors: Sequence[object]) -> bool:
 def _check_layout(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
     """The process group of the mesh dimension the DTensors are sharded over (FSDP2's one
     dimension, or HSDP's second: the ranks of one replica); a clear error otherwise."""
+    layout = _layout(tensors)
+    return None if layout is None else layout[0].get_group(layout[1])
+
+
+def _layout(tensors: Sequence[Tensor]) -> tuple[Any, int] | None:
+    """The DTensors' device mesh and the one dimension of it they are sharded over (the last
+    if none is sharded); ``None`` without DTensors; a clear error for other layouts."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     mesh = None
@@ -116,7 +125,18 @@ def _check_layout(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
         )
     if mesh is None:
         return None
-    return mesh.get_group(next(iter(sharded), mesh.ndim - 1))
+    return mesh, next(iter(sharded), mesh.ndim - 1)
+
+
+def _replicas(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
+    """HSDP's replicas: on a 2-D mesh whose other dimension has several ranks, the group of
+    this rank's counterparts in the other replicas (the ranks holding the same slices);
+    ``None`` otherwise (FSDP's 1-D mesh, or plain tensors)."""
+    layout = _layout(tensors)
+    if layout is None or layout[0].ndim != 2:
+        return None
+    mesh, other = layout[0], 1 - layout[1]
+    return mesh.get_group(other) if mesh.size(other) > 1 else None
 
 
 def _shard(t: Tensor) -> tuple[int, int] | None:
@@ -164,12 +184,13 @@ def global_sums(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _owners(module: Module, world: int, split: frozenset[int] = frozenset()) -> dict[int, int]:
-    """Atom index → the rank that computes its norm and dual map, for the atoms of positive
-    share (mass-0 atoms never move, so nothing is computed for them) that are not ``split``
-    (computed by every rank together). Balanced by cost: largest first, each to the least
-    loaded rank (ties: the lower rank), so that a GPT's ``4d × d`` MLP matrices and its
-    ``vocab × d`` head do not pile up on one rank. The same on every rank: it depends only
-    on the shapes."""
+    """Atom index → the worker (of ``world``) that computes its norm and dual map, for the
+    atoms of positive share (mass-0 atoms never move, so nothing is computed for them) that
+    are not ``split`` (computed by every rank together). Balanced by cost: largest first,
+    each to the least loaded worker (ties: the lower), so that a GPT's ``4d × d`` MLP
+    matrices and its ``vocab × d`` head do not pile up on one rank. The same on every rank:
+    it depends only on the shapes. Under HSDP worker ``w`` is rank ``w % S`` of replica
+    ``w // S`` (``S`` ranks a replica), so the replicas share the work too."""
     shares = module.atom_shares()
     live = [i for i, (_, share) in enumerate(shares) if share > 0 and i not in split]
     load = [0] * world
@@ -296,22 +317,50 @@ def _all_columns(local: Tensor, n: int, group: dist.ProcessGroup) -> Tensor:
     return torch.cat(parts, -1).narrow(-1, 0, n)
 
 
-def _gathered(
-    module: Module, tensors: Sequence[Tensor], splittable: bool = True
-) -> tuple[dist.ProcessGroup, dict[int, int], dict[int, Tensor], list[int]]:
-    """Check the tensors, then gather each atom's tensor to its owner; the atoms too large
-    for one rank (`_split_atoms`, where ``splittable``) stay where they are. Returns the
-    group, the owners, the full tensors this rank owns and the split atoms."""
-    group = _check_layout(tensors)
-    assert group is not None  # the callers only come here with a DTensor
-    _check_parts(module, tensors)
-    world = dist.get_world_size(group)
-    split = _split_atoms(module, tensors, world) if splittable else frozenset()
-    owners = _owners(module, world, split)
-    rank = dist.get_rank(group)
-    full = {i: _gather_to(tensors[i], r, group) for i, r in owners.items()}
-    mine = {i: cast(Tensor, t) for i, t in full.items() if owners[i] == rank}
-    return group, owners, mine, sorted(split)
+class _Work:
+    """Who computes what: the shard ``group`` (one replica's ranks) and, under HSDP, the
+    ``replicas`` group; ``owners`` maps an atom to the rank of ``group`` that computes it in
+    replica ``replica_of[i]``; ``mine`` holds the full tensors this rank computes; ``split``
+    are the atoms every rank of a replica computes together."""
+
+    def __init__(self, module: Module, tensors: Sequence[Tensor], splittable: bool) -> None:
+        group = _check_layout(tensors)
+        assert group is not None  # the callers only come here with a DTensor
+        _check_parts(module, tensors)
+        self.group, self.replicas = group, _replicas(tensors)
+        world = dist.get_world_size(group)
+        copies = 1 if self.replicas is None else dist.get_world_size(self.replicas)
+        self.replica = 0 if self.replicas is None else dist.get_rank(self.replicas)
+        self.split = sorted(_split_atoms(module, tensors, world) if splittable else ())
+        workers = _owners(module, world * copies, frozenset(self.split))
+        self.owners = {i: w % world for i, w in workers.items()}
+        self.replica_of = {i: w // world for i, w in workers.items()}
+        rank = dist.get_rank(group)
+        # only the owner's replica gathers: the other replicas hold the same slices
+        full = {i: _gather_to(tensors[i], r, group) for i, r in self.here().items()}
+        self.mine = {i: cast(Tensor, t) for i, t in full.items() if self.owners[i] == rank}
+
+    def here(self) -> dict[int, int]:
+        """The owners of the atoms computed in this rank's replica."""
+        return {i: r for i, r in self.owners.items() if self.replica_of[i] == self.replica}
+
+    def share(self, out: list[Tensor]) -> None:
+        """Under HSDP, give every replica the slices of ``out`` (already laid out in the
+        replica that computed them): one broadcast per computing replica and dtype, from
+        each rank to its counterparts, which hold the same slices."""
+        if self.replicas is None:
+            return
+        by_source: dict[tuple[int, torch.dtype], list[int]] = {}
+        for i in self.owners:
+            by_source.setdefault((self.replica_of[i], out[i].dtype), []).append(i)
+        for (source, _), atoms in sorted(by_source.items(), key=lambda kv: kv[0][0]):
+            flat = torch.cat([_local(out[i]).reshape(-1) for i in atoms])
+            dist.broadcast(flat, group=self.replicas, group_src=source)
+            if source == self.replica:
+                continue
+            parts = flat.split([_local(out[i]).numel() for i in atoms])
+            for i, part in zip(atoms, parts, strict=True):
+                out[i] = _like(part.view_as(_local(out[i])), out[i])
 
 
 def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
@@ -319,16 +368,18 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
     computed by its owner from the gathered tensor, then shared by one all-reduce."""
     from modnorm.modules import _atom_norms
 
-    group, _, mine, split = _gathered(module, tensors)
-    shares = module.atom_shares()
+    work = _Work(module, tensors, splittable=True)
+    shares, mine, split = module.atom_shares(), work.mine, work.split
     norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
     device = _local(tensors[0]).device
     out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
     if mine:
         out[list(mine)] = torch.stack([n.float().to(device) for n in norms])
-    dist.all_reduce(out, group=group)  # each entry is non-zero on one rank only
+    dist.all_reduce(out, group=work.group)  # each entry is non-zero on one rank only
+    if work.replicas is not None:
+        dist.all_reduce(out, group=work.replicas)
     if split:  # computed alike on every rank
-        together = _split_norms(module, tensors, split, group)
+        together = _split_norms(module, tensors, split, work.group)
         out[split] = torch.stack([n.float().to(device) for n in together])
     return out
 
@@ -357,22 +408,27 @@ def normalize(module: Module, tensors: Sequence[Tensor], target: float) -> list[
 
 def _scaled(t: Tensor, scale: Tensor) -> Tensor:
     """``t·scale`` in float32 (float64 kept), on the local slice of a DTensor."""
-    from torch.distributed.tensor import DTensor
-
     local = _local(t)
     if local.dtype == torch.float64:
         local = local * scale.to(local.device)
     else:
         local = (local.float() * scale.to(local.device)).to(local.dtype)
+    return _like(local, t)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _like(local: Tensor, t: Tensor) -> Tensor:
+    """``local`` as this rank's slice of a tensor laid out as ``t``."""
+    from torch.distributed.tensor import DTensor
+
     if not isinstance(t, DTensor):
         return local
     return DTensor.from_local(
         local, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride()
     )
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def dualize(
@@ -385,17 +441,18 @@ def dualize(
 
     target = _check_target(target)
     # an SVD needs the whole matrix: only Newton–Schulz splits one across ranks
-    group, owners, mine, split = _gathered(module, tensors, method == "newton_schulz")
-    shares = module.atom_shares()
+    work = _Work(module, tensors, splittable=method == "newton_schulz")
+    shares, mine, group = module.atom_shares(), work.mine, work.group
     owned = [(shares[i][0], shares[i][1], t) for i, t in mine.items()]
     dual = {
         i: d * (target * shares[i][1])
         for i, d in zip(mine, _atom_duals(owned, method, precision), strict=True)
     }
     out = [torch.zeros_like(t) for t in tensors]
-    for i, r in owners.items():
+    for i, r in work.here().items():
         out[i] = _scatter_from(dual.get(i), tensors[i], r, group)
-    for i in split:
+    work.share(out)
+    for i in work.split:
         out[i] = _split_dual(shares[i][0], tensors[i], target * shares[i][1], group, precision)
     return out
 
@@ -434,19 +491,25 @@ def share_warm_starts(module: Module) -> None:
         return
     group = _check_layout(params)
     assert group is not None
+    replicas = _replicas(params)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    copies = 1 if replicas is None else dist.get_world_size(replicas)
+    me = rank + world * (0 if replicas is None else dist.get_rank(replicas))
     atoms = [atom for atom, _ in module.atom_shares()]
     mine = {
         i: {name: b.detach().cpu() for name, b in _warm_start_buffers(atoms[i])}
-        for i, r in _owners(module, world, _split_atoms(module, params, world)).items()
-        if r == rank  # a split atom's warm starts are the same on every rank already
+        for i, w in _owners(module, world * copies, _split_atoms(module, params, world)).items()
+        if w == me  # a split atom's warm starts are the same on every rank already
     }
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, mine, group=group)
-    for part in parts:
-        for i, buffers in part.items():
-            for name, value in buffers.items():
-                setattr(atoms[i], name, value.to(_local(atoms[i].weight).device))
+    for g in (group, replicas):  # within the replica, then across replicas
+        if g is None:
+            continue
+        parts: list[Any] = [None] * dist.get_world_size(g)
+        dist.all_gather_object(parts, mine, group=g)
+        mine = {i: buffers for part in parts for i, buffers in part.items()}
+    for i, buffers in mine.items():
+        for name, value in buffers.items():
+            setattr(atoms[i], name, value.to(_local(atoms[i].weight).device))
 
 
 def _check_parts(module: Module, tensors: Sequence[Tensor]) -> None:
