@@ -102,7 +102,7 @@ VARIANTS: dict[str, Variant] = {
 
 STEPS = 200  # the transfer sweeps' budget
 
-Job = tuple[str, int, int, int, int, int]  # variant, width, blocks, log2 lr, steps, seed
+Job = tuple[str, int, int, float, int, int]  # variant, width, blocks, log2 lr, steps, seed
 
 
 def run(job: Job) -> dict[str, Any]:
@@ -142,7 +142,8 @@ def ablate(
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=steps, help=f"default {steps}")
     parser.add_argument(
-        "--lrs", help="comma-separated log2 lrs, run instead of each variant's grid (e.g. -8,-7)"
+        "--lrs",
+        help="comma-separated log2 lrs, run instead of each variant's grid (e.g. --lrs=-8,-7.5)",
     )
     parser.add_argument("--variants", default=",".join(grids), help="comma-separated")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
@@ -153,7 +154,7 @@ def ablate(
     unknown = [n for n in names if n not in grids]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: choose from {list(grids)}")
-    chosen = {n: [int(k) for k in args.lrs.split(",")] if args.lrs else grids[n] for n in names}
+    chosen = {n: [_log2(k) for k in args.lrs.split(",")] if args.lrs else grids[n] for n in names}
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [
         (n, args.width, args.blocks, k, args.steps, s)
@@ -166,6 +167,12 @@ def ablate(
     budget = "" if args.steps == steps else f"_steps{args.steps}"
     path = args.out / f"width{args.width}_blocks{args.blocks}{budget}.json"
     report(rows, names, title(args.width, args.blocks, args.steps), path)
+
+
+def _log2(text: str) -> float:
+    """A log2 lr from the command line: an integer stays one (the rows' keys), 1.5 is 2^1.5."""
+    x = float(text)
+    return int(x) if x.is_integer() else x
 
 
 def _key(r: dict[str, Any]) -> tuple[str, int, int]:
@@ -193,9 +200,9 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
         best = min(grid, key=lambda k: mean[k])
         spread = f" ± {statistics.stdev(by_lr[best]):.3f}" if len(by_lr[best]) > 1 else ""
         seeds = "/".join(str(len(by_lr[k])) for k in grid)
-        each = ", ".join(f"2^{k}: {mean[k]:.3f}" for k in grid)
+        each = ", ".join(f"2^{k:g}: {mean[k]:.3f}" for k in grid)
         on_edge = best in (grid[0], grid[-1])
-        print(f"| {n} | {seeds} | 2^{best}{'*' if on_edge else ''} "
+        print(f"| {n} | {seeds} | 2^{best:g}{'*' if on_edge else ''} "
               f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
