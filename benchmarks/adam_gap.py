@@ -105,10 +105,20 @@ STEPS = 200  # the transfer sweeps' budget
 Job = tuple[str, int, int, float, int, int]  # variant, width, blocks, log2 lr, steps, seed
 
 
-def run(job: Job) -> dict[str, Any]:
+def train_row(job: Job, cfg: ex.SweepConfig, data: Any, build: ex.Builder) -> dict[str, Any]:
+    """One ablation run: ``build``'s network and optimizer trained by the harness's loop on
+    one thread (denormals flushed, as the sweeps), as a row of the results."""
     name, width, blocks, k, steps, seed = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
+    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
+            "seed": seed, "train_loss": r["train_loss"],
+            "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
+
+
+def run(job: Job) -> dict[str, Any]:
+    name, _, blocks, _, steps, _ = job
     make_net, make_opt, _ = VARIANTS[name]
     cfg = ex.SweepConfig(steps=steps, batch_size=128, input_noise=1.0, depth=blocks)
     data = mn_data.load("digits", input_noise=1.0)
@@ -117,10 +127,7 @@ def run(job: Job) -> dict[str, Any]:
         net = make_net(width, depth)
         return net, [make_opt(net, lr)]
 
-    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
-    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
-            "seed": seed, "train_loss": r["train_loss"],
-            "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
+    return train_row(job, cfg, data, build)
 
 
 def ablate(

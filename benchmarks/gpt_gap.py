@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks import peers
-from benchmarks.adam_gap import Job, ablate
+from benchmarks.adam_gap import Job, ablate, train_row
 from benchmarks.transfer import SUITES
 from modnorm import compounds
 from modnorm import data as mn_data
@@ -186,16 +186,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, width, blocks, k, steps, seed = job
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    build, _ = VARIANTS[name]
+    name, _, blocks, _, steps, _ = job
     cfg = replace(CONFIG, depth=blocks, steps=steps)
-    data = mn_data.load(cfg.data)
-    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
-    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
-            "seed": seed, "train_loss": r["train_loss"],
-            "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
+    return train_row(job, cfg, mn_data.load(cfg.data), VARIANTS[name][0])
 
 
 def main() -> None:

@@ -17,9 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from benchmarks.adam_gap import Job, ablate
+from benchmarks.adam_gap import Job, ablate, train_row
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
@@ -67,9 +65,7 @@ VARIANTS: dict[str, Variant] = {
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, width, blocks, k, steps, seed = job
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    name, _, blocks, _, steps, _ = job
     make_net, image = VARIANTS[name]
     cfg = ex.SweepConfig(
         model="rescnn" if image else "resmlp", steps=steps, input_noise=1.0, depth=blocks
@@ -80,10 +76,7 @@ def run(job: Job) -> dict[str, Any]:
         net = make_net(width, depth)
         return net, [mn_optim.Adam(net, lr=lr)]
 
-    r = ex.train_one(cfg, data, "modnorm-adam", width, blocks, 2.0**k, seed, build=build)
-    return {"variant": name, "width": width, "blocks": blocks, "log2_lr": k, "steps": steps,
-            "seed": seed, "train_loss": r["train_loss"],
-            "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
+    return train_row(job, cfg, data, build)
 
 
 def main() -> None:
