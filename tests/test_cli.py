@@ -63,13 +63,21 @@ def test_sweep_writes_results_plot_and_resumes(
     assert (out / "curves.png").read_bytes()[:8] == PNG
     assert "drift (octaves)" in capsys.readouterr().out
 
-    # an interrupted sweep: drop two runs; the rerun trains only those
+    # an interrupted sweep: drop two runs; the rerun trains only those, here two at a time in
+    # two processes, to the same results
     kept = res["runs"][:-2]
     ex.write_json_atomic(out / "results.json", {"schema": 1, "config": res["config"], "runs": kept})
-    assert cli.main(args) == 0
+    assert cli.main([*args, "--jobs", "2"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert len(again["runs"]) == 8
     assert again["runs"][:-2] == kept  # finished runs untouched, not redone
+
+    def key(r: dict) -> tuple:
+        return r["optimizer"], r["width"], r["lr"]
+
+    redone = sorted(again["runs"][-2:], key=key)
+    for a, b in zip(redone, sorted(res["runs"][-2:], key=key), strict=True):
+        assert {**a, "wall_time": 0} == {**b, "wall_time": 0}
     assert "6 runs already" in capsys.readouterr().out
 
 

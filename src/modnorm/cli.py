@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "--out", required=True, help="output directory; a partial sweep there is resumed"
     )
+    sw.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
     _common(sw)
 
     tr = sub.add_parser("train", help="one training run with validation and checkpoints")
@@ -268,7 +269,7 @@ def _sweep(args: argparse.Namespace) -> int:
     ex.load_results(Path(args.out), cfg)  # a different sweep there: fail before any work
     _setup()
     data = load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
-    res = ex.run_sweep(cfg, args.out, data, device, progress=not args.no_progress)
+    res = ex.run_sweep(cfg, args.out, data, device, progress=not args.no_progress, jobs=args.jobs)
     draw_sweeps([res], Path(args.out) / "sweep.png")
     draw_curves(res, Path(args.out) / "curves.png")
     print(table([res]))
