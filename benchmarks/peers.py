@@ -100,9 +100,13 @@ def _modnorm(
     device: str,
     *,
     name: str,
-    calibrate: bool,
+    calibrate: bool = False,
+    output_scale: float = 1.0,
+    head_mass: float = 1.0,
 ) -> Built:
-    model = ex.build_model(cfg, name, width, depth, data).to(device)
+    model = ex.build_model(
+        cfg, name, width, depth, data, output_scale=output_scale, head_mass=head_mass
+    ).to(device)
     if calibrate:
         x, _ = data.batch(256, torch.Generator().manual_seed(12_345), cfg.context)
         calibrate_(cast(Module, model), x.to(device))
@@ -116,27 +120,12 @@ def modnorm_method(name: str, calibrate: bool = False) -> ex.Builder:
     return functools.partial(_modnorm, name=name, calibrate=calibrate)
 
 
-def _modnorm_adam_head(
-    cfg: ex.SweepConfig,
-    data: Dataset,
-    width: int,
-    depth: int,
-    lr: float,
-    device: str,
-    *,
-    output_scale: float,
-    head_mass: float,
-) -> Built:
-    model = ex.build_model(
-        cfg, "modnorm-adam", width, depth, data, output_scale=output_scale, head_mass=head_mass
-    )
-    return model.to(device), [mn_optim.Adam(cast(Module, model), lr)]
-
-
 def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.Builder:
     """modnorm-adam on a residual compound whose head is multiplied by ``output_scale`` and
     has mass ``head_mass``."""
-    return functools.partial(_modnorm_adam_head, output_scale=output_scale, head_mass=head_mass)
+    return functools.partial(
+        _modnorm, name="modnorm-adam", output_scale=output_scale, head_mass=head_mass
+    )
 
 
 def modnorm_dual_mixed(

@@ -11,7 +11,7 @@ u-μP, Muon and the reference Modula, on the same data, seeds, steps and log2 lr
     python -m benchmarks.transfer --suite full --sweeps gpt-width --device cuda --jobs 14
 
 ``--jobs N`` runs N runs at a time, each in its own process (one torch thread each unless
-``--threads``): 2 on a 2-core machine halves a suite's time, and a GPU takes many small
+``--threads``): 2 on a 2-core machine keeps both cores busy, and a GPU takes many small
 models at once. Results do not depend on it, wall times do (``environment.jobs``).
 
 Each sweep is a ``modnorm.experiments.run_sweep`` whose methods are built by
