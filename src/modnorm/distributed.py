@@ -27,8 +27,8 @@ sharded over the same one dimension of the device mesh: what ``fully_shard`` mak
 mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D one, where the replicas split the
 atoms too: each atom is computed in one replica (gathered among its ranks), which broadcasts
 its slices of the dual map to the same ranks of the others; the norms are all-reduced over
-both dimensions. (Split atoms are still computed in every replica.) A tensor sharded over two mesh
-dimensions (tensor parallel) raises a ``ValueError``.
+both dimensions. (Split atoms are still computed in every replica.) A tensor sharded over
+two mesh dimensions (tensor parallel) raises a ``ValueError``.
 
 :func:`save_checkpoint` / :func:`load_checkpoint` save and resume a modnorm optimizer and its
 module with ``torch.distributed.checkpoint`` (sharded, resumable on any number of ranks), and
@@ -128,15 +128,24 @@ def _layout(tensors: Sequence[Tensor]) -> tuple[Any, int] | None:
     return mesh, next(iter(sharded), mesh.ndim - 1)
 
 
-def _replicas(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
-    """HSDP's replicas: on a 2-D mesh whose other dimension has several ranks, the group of
-    this rank's counterparts in the other replicas (the ranks holding the same slices);
-    ``None`` otherwise (FSDP's 1-D mesh, or plain tensors)."""
-    layout = _layout(tensors)
-    if layout is None or layout[0].ndim != 2:
-        return None
-    mesh, other = layout[0], 1 - layout[1]
-    return mesh.get_group(other) if mesh.size(other) > 1 else None
+class _Groups:
+    """Where the DTensors live (checked once): the ``shards`` group (one replica's ranks) and,
+    under HSDP (a 2-D mesh whose other dimension has several ranks), the ``replicas`` group
+    of this rank's counterparts, which hold the same slices. ``worker``/``workers`` number
+    the ranks for `_owners`: rank ``r`` of replica ``ρ`` is worker ``r + ρ·S``."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        layout = _layout(tensors)
+        assert layout is not None  # the callers only come here with a DTensor
+        mesh, dim = layout
+        self.shards = mesh.get_group(dim)
+        hsdp = mesh.ndim == 2 and mesh.size(1 - dim) > 1
+        self.replicas = mesh.get_group(1 - dim) if hsdp else None
+        self.size = dist.get_world_size(self.shards)
+        self.rank = dist.get_rank(self.shards)
+        self.replica = 0 if self.replicas is None else dist.get_rank(self.replicas)
+        copies = 1 if self.replicas is None else dist.get_world_size(self.replicas)
+        self.workers, self.worker = self.size * copies, self.rank + self.size * self.replica
 
 
 def _shard(t: Tensor) -> tuple[int, int] | None:
@@ -324,21 +333,16 @@ class _Work:
     are the atoms every rank of a replica computes together."""
 
     def __init__(self, module: Module, tensors: Sequence[Tensor], splittable: bool) -> None:
-        group = _check_layout(tensors)
-        assert group is not None  # the callers only come here with a DTensor
+        g = _Groups(tensors)
         _check_parts(module, tensors)
-        self.group, self.replicas = group, _replicas(tensors)
-        world = dist.get_world_size(group)
-        copies = 1 if self.replicas is None else dist.get_world_size(self.replicas)
-        self.replica = 0 if self.replicas is None else dist.get_rank(self.replicas)
-        self.split = sorted(_split_atoms(module, tensors, world) if splittable else ())
-        workers = _owners(module, world * copies, frozenset(self.split))
-        self.owners = {i: w % world for i, w in workers.items()}
-        self.replica_of = {i: w // world for i, w in workers.items()}
-        rank = dist.get_rank(group)
+        self.group, self.replicas, self.replica = g.shards, g.replicas, g.replica
+        self.split = sorted(_split_atoms(module, tensors, g.size) if splittable else ())
+        workers = _owners(module, g.workers, frozenset(self.split))
+        self.owners = {i: w % g.size for i, w in workers.items()}
+        self.replica_of = {i: w // g.size for i, w in workers.items()}
         # only the owner's replica gathers: the other replicas hold the same slices
-        full = {i: _gather_to(tensors[i], r, group) for i, r in self.here().items()}
-        self.mine = {i: cast(Tensor, t) for i, t in full.items() if self.owners[i] == rank}
+        full = {i: _gather_to(tensors[i], r, g.shards) for i, r in self.here().items()}
+        self.mine = {i: cast(Tensor, t) for i, t in full.items() if workers[i] == g.worker}
 
     def here(self) -> dict[int, int]:
         """The owners of the atoms computed in this rank's replica."""
@@ -489,19 +493,15 @@ def share_warm_starts(module: Module) -> None:
     params = list(module.parameters())
     if not any_sharded(params):
         return
-    group = _check_layout(params)
-    assert group is not None
-    replicas = _replicas(params)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    copies = 1 if replicas is None else dist.get_world_size(replicas)
-    me = rank + world * (0 if replicas is None else dist.get_rank(replicas))
+    groups = _Groups(params)
     atoms = [atom for atom, _ in module.atom_shares()]
+    split = _split_atoms(module, params, groups.size)
     mine = {
         i: {name: b.detach().cpu() for name, b in _warm_start_buffers(atoms[i])}
-        for i, w in _owners(module, world * copies, _split_atoms(module, params, world)).items()
-        if w == me  # a split atom's warm starts are the same on every rank already
+        for i, w in _owners(module, groups.workers, split).items()
+        if w == groups.worker  # a split atom's warm starts are the same on every rank already
     }
-    for g in (group, replicas):  # within the replica, then across replicas
+    for g in (groups.shards, groups.replicas):  # within the replica, then across replicas
         if g is None:
             continue
         parts: list[Any] = [None] * dist.get_world_size(g)
