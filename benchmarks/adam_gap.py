@@ -182,7 +182,7 @@ def _log2(text: str) -> float:
     return int(x) if x.is_integer() else x
 
 
-def _key(r: dict[str, Any]) -> tuple[str, int, int]:
+def _key(r: dict[str, Any]) -> tuple[str, float, int]:
     return r["variant"], r["log2_lr"], r.get("seed", 0)  # rows from before seeds are seed 0
 
 
@@ -198,7 +198,7 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
     print(title)
     print("| variant | seeds | best lr | best train loss | at each lr |\n|---|---|---|---|---|")
     for n in names:
-        by_lr: dict[int, list[float]] = {}
+        by_lr: dict[float, list[float]] = {}
         for r in rows:
             if r["variant"] == n:
                 by_lr.setdefault(r["log2_lr"], []).append(r["train_loss"])
