@@ -11,6 +11,7 @@ best:
 * the network: more or less mass on the blocks (5 by default); nanoGPT's plain residuals
   ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
   attention scaling (modnorm's is ``1/d_head``); queries, keys and values not scaled by 1/3;
+  biases and LayerNorm gains as atoms (``GPT(affine_mass=m)``, three masses);
 * the references: ``muon`` on the ``torch.nn`` GPT (and on it without biases and LayerNorm
   gains, or initialized as modnorm's GPT), modnorm-dual and modnorm-adam.
 
@@ -174,6 +175,18 @@ VARIANTS: dict[str, Variant] = {
     "modnorm-dual with blocks mass 80": (
         peers.modnorm_dual_gpt_blocks_mass(80.0),
         [-4, -3, -2, -1],
+    ),
+    "modnorm-dual with biases and gains of mass 1": (
+        peers.modnorm_dual_gpt_affine(1.0),
+        [-4, -3, -2, -1, 0],
+    ),
+    "modnorm-dual with biases and gains of mass 0.25": (
+        peers.modnorm_dual_gpt_affine(0.25),
+        [-4, -3, -2, -1, 0],
+    ),
+    "modnorm-dual with biases and gains of mass 0.05": (
+        peers.modnorm_dual_gpt_affine(0.05),
+        [-4, -3, -2, -1, 0],
     ),
     "modnorm-dual with plain residuals": (_variant(residual="plain"), [-2, -1, 0, 1, 2, 3]),
     "modnorm-dual with tok + pos embeddings": (_variant(embed="sum"), [-3, -2, -1, 0]),

@@ -144,15 +144,29 @@ def _modnorm_dual_gpt(
     lr: float,
     device: str,
     *,
-    blocks_mass: float,
+    blocks_mass: float = 5.0,
+    affine_mass: float | None = None,
 ) -> Built:
-    model = GPT(data.num_classes, cfg.context, width, cfg.num_heads, depth, blocks_mass=blocks_mass)
+    model = GPT(
+        data.num_classes,
+        cfg.context,
+        width,
+        cfg.num_heads,
+        depth,
+        blocks_mass=blocks_mass,
+        affine_mass=affine_mass,
+    )
     return model.to(device), [mn_optim.Dual(model, lr)]
 
 
 def modnorm_dual_gpt_blocks_mass(mass: float) -> ex.Builder:
     """modnorm-dual on a GPT whose residual blocks carry mass ``mass`` (5 by default)."""
     return functools.partial(_modnorm_dual_gpt, blocks_mass=mass)
+
+
+def modnorm_dual_gpt_affine(mass: float) -> ex.Builder:
+    """modnorm-dual on a GPT with biases and LayerNorm gains, each atom of mass ``mass``."""
+    return functools.partial(_modnorm_dual_gpt, affine_mass=mass)
 
 
 # ---- μP ----------------------------------------------------------------------------------------

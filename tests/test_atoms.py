@@ -103,7 +103,7 @@ def test_projections() -> None:
 
 
 def test_zero_tensors_stay_zero() -> None:
-    for m in (mn.Linear(8, 12), mn.Embedding(5, 7), mn.Conv2d(3, 4)):
+    for m in (mn.Linear(8, 12), mn.Embedding(5, 7), mn.Conv2d(3, 4), mn.Bias(6), mn.Gain(6)):
         z = torch.zeros_like(m.weight)
         assert m.atom_norm(z) == 0
         assert torch.equal(m.atom_dual(z), z)
@@ -120,6 +120,8 @@ def test_zero_tensors_stay_zero() -> None:
         lambda: mn.Conv2d(3, 4, kernel_size=0),
         lambda: mn.Linear(3, 4, mass=-1.0),
         lambda: mn.Linear(3, 4, mass=float("nan")),
+        lambda: mn.Bias(0),
+        lambda: mn.Gain(2.5),
     ],
 )
 def test_bad_atom_arguments(make) -> None:  # type: ignore[no-untyped-def]
@@ -132,3 +134,76 @@ def test_atom_state_dict_round_trip() -> None:
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.weight, b.weight)
     assert list(a.state_dict()) == ["weight"]  # the warm-start vector is not state
+
+
+def test_bias_forward_norm_dual_and_well_normed() -> None:
+    bias = mn.Bias(16)
+    assert torch.equal(bias.weight, torch.zeros(16))  # starts as the identity
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        bias.weight.normal_()
+    assert torch.equal(bias(x), x + bias.weight)
+    g = torch.randn(16)
+    assert torch.isclose(bias.atom_norm(g), g.norm() / 4)  # RMS: ‖g‖₂/√16
+    d = bias.atom_dual(g)
+    assert torch.isclose(bias.atom_norm(d), torch.tensor(1.0))
+    assert torch.isclose((g * d).sum(), 4 * g.norm())  # dual norm: √d·‖g‖₂
+    for _ in range(20):  # no unit-norm direction does better
+        t = torch.randn(16)
+        assert (g * t).sum() / bias.atom_norm(t) <= (g * d).sum() * (1 + 1e-6)
+    # well-normed: the output moves by exactly the bias's norm, the input's change passes as is
+    db = torch.randn(16)
+    dy = (bias(x) + db) - bias(x)
+    assert torch.allclose(dy.square().mean(-1).sqrt(), bias.atom_norm(db).expand(3, 5))
+    assert bias.sharpness == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"Bias\(16\) acts on the last dimension"):
+        bias(torch.randn(16, 3))
+
+
+def test_gain_forward_norm_dual_and_well_normed() -> None:
+    gain = mn.Gain(16)
+    assert torch.equal(gain.weight, torch.ones(16)) and gain.atom_norm(gain.weight) == 1
+    x = torch.randn(3, 5, 16)
+    assert torch.equal(gain(x), x)
+    g = torch.randn(16)
+    assert gain.atom_norm(g) == g.abs().max()
+    d = gain.atom_dual(g)
+    assert gain.atom_norm(d) == 1
+    assert torch.isclose((g * d).sum(), g.abs().sum())  # dual norm of ℓ∞: ℓ₁
+    for _ in range(20):
+        t = torch.randn(16)
+        assert (g * t).sum() / gain.atom_norm(t) <= (g * d).sum() * (1 + 1e-6)
+    # ‖Δg ⊙ x‖_rms ≤ ‖Δg‖_∞‖x‖_rms, attained by a constant Δg
+    dg = torch.randn(16)
+    ratio = (dg * x).square().mean(-1).sqrt() / x.square().mean(-1).sqrt()
+    assert (ratio <= gain.atom_norm(dg) * (1 + 1e-6)).all()
+    const = torch.full((16,), -2.0)
+    ratio = (const * x).square().mean(-1).sqrt() / x.square().mean(-1).sqrt()
+    assert torch.allclose(ratio, gain.atom_norm(const).expand(3, 5))
+    assert gain.sharpness == (0.0, 1.0, 0.0)  # bilinear, as a Linear
+
+
+def test_vector_atom_projections() -> None:
+    bias, gain = mn.Bias(8), mn.Gain(8)
+    with torch.no_grad():
+        bias.weight.normal_()
+        gain.weight.normal_()
+        gain.weight[3] = 0
+    sign = torch.sign(gain.weight)
+    bias.project_()
+    gain.project_()
+    assert torch.isclose(bias.weight.square().mean().sqrt(), torch.tensor(1.0))
+    assert torch.equal(gain.weight, sign)  # diag(g)'s polar factor; the zero stays zero
+
+
+def test_bias_gain_layernorm_is_torch_layernorm() -> None:
+    gain, bias = mn.Gain(12), mn.Bias(12)
+    ln = bias @ gain @ mn.LayerNorm()
+    ref = torch.nn.LayerNorm(12, eps=1e-12)
+    with torch.no_grad():
+        gain.weight.normal_()
+        bias.weight.normal_()
+        ref.weight.copy_(gain.weight)
+        ref.bias.copy_(bias.weight)
+    x = 3 * torch.randn(4, 7, 12) + 1
+    torch.testing.assert_close(ln(x), ref(x))

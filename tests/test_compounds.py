@@ -260,3 +260,35 @@ def test_head_mass_gives_the_head_its_share_of_each_step(name: str) -> None:
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="head_mass"):
             RESIDUAL[name][0](head_mass=bad)
+
+
+def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> None:
+    # every Linear gets a Bias, every LayerNorm (two per block and the final one) a Gain and a
+    # Bias; zeros and ones draw nothing, so the matrices and the function at init are the
+    # reference GPT's
+    torch.manual_seed(0)
+    plain = mn.GPT(11, 8, 16, 2, 3)
+    torch.manual_seed(0)
+    affine = mn.GPT(11, 8, 16, 2, 3, affine_mass=0.5)
+    atoms = [a for a, _ in affine.atom_shares()]
+    linears = sum(type(a) is mn.Linear for a in atoms)
+    assert linears == 3 * 6 + 1
+    assert sum(type(a) is mn.Gain for a in atoms) == 3 * 2 + 1
+    assert sum(type(a) is mn.Bias for a in atoms) == linears + 3 * 2 + 1
+    matrices = [p for p in affine.parameters() if p.dim() == 2]
+    for p, q in zip(plain.parameters(), matrices, strict=True):
+        assert torch.equal(p, q)
+    x = torch.randint(0, 11, (2, 8))
+    torch.testing.assert_close(affine(x), plain(x))
+    # the blocks are tared to 5 and the head to 1 whatever the biases; the final LayerNorm's
+    # gain and bias add their own mass
+    assert affine.mass == pytest.approx(plain.mass + 2 * 0.5)
+    # each bias inside the head has the share of its mass within the head's mass
+    head_bias, head = atoms[-1], atoms[-2]
+    assert type(head_bias) is mn.Bias and head_bias.out_features == 11
+    assert affine.atom_shares()[-1][1] == pytest.approx(
+        affine.atom_shares()[-2][1] * 0.5, rel=1e-12
+    )
+    assert type(head) is mn.Linear
+    with pytest.raises(ValueError, match="affine_mass"):
+        mn.GPT(11, 8, 16, 2, 3, affine_mass=-1.0)

@@ -353,14 +353,20 @@ def test_non_smooth_networks_are_refused_by_name(net: mn.Module, bond: str) -> N
         sharpness_check(net, "cross_entropy", (unit(4, 16), torch.randint(0, 10, (4,))))
 
 
-@pytest.mark.parametrize(("heads", "steps"), [(1, 0), (4, 0), (4, 100)])
-def test_gpt_certificate_bounds_the_measured_curvature(heads: int, steps: int) -> None:
+@pytest.mark.parametrize(
+    ("heads", "steps", "affine_mass"),
+    [(1, 0, None), (4, 0, None), (4, 100, None), (1, 0, 1.0), (4, 100, 1.0)],
+)
+def test_gpt_certificate_bounds_the_measured_curvature(
+    heads: int, steps: int, affine_mass: float | None
+) -> None:
     # attention's γ = 1 completes the GPT's recursion; the bound holds at init and after
     # training. Its inputs sum to size 1 at init with one head (a unit-RMS stream, orthogonal
     # weights, 1/3 each); split into heads, a row's head can be larger than the token's RMS,
-    # and training grows q, k, v further: a note says so
+    # and training grows q, k, v further: a note says so. Biases (affine, sharpness 0) and
+    # gains (bilinear) keep the recursion's bound
     torch.manual_seed(0)
-    gpt = mn.GPT(23, 12, 16, num_heads=heads, num_blocks=2)
+    gpt = mn.GPT(23, 12, 16, num_heads=heads, num_blocks=2, affine_mass=affine_mass)
     gen = torch.Generator().manual_seed(1)
 
     def make_x() -> torch.Tensor:

@@ -56,6 +56,19 @@ def _net() -> mn.Module:
         torch.set_default_dtype(default)
 
 
+def _vector_net() -> mn.Module:
+    """A Linear with a LayerNorm's gain and bias and a bias on the logits, in float64 (small
+    enough for exact SVDs): the vector atoms' slices under FSDP2 are 3 + 2 and 6 + 6."""
+    torch.manual_seed(2)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        norm = mn.Bias(12) @ mn.Gain(12) @ mn.LayerNorm()
+        return mn.Bias(5) @ mn.Linear(12, 5) @ norm
+    finally:
+        torch.set_default_dtype(default)
+
+
 def _mlp(widths: tuple[int, int]) -> mn.Module:
     """``12 → a → b → 5`` with GELUs, in float64, seed 1."""
     a, b = widths
@@ -184,6 +197,12 @@ def _fsdp(rank: int) -> dict[str, Any]:
         _train(net, opt, rank, WORLD)
         result[name] = _full(net.parameters())
         result[f"{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
+        net = _vector_net()
+        for atom, _ in net.atom_shares():
+            fully_shard(atom)
+        fully_shard(net)
+        _train(net, make(net), rank, WORLD)
+        result[f"vectors_{name}"] = _full(net.parameters())
 
     mesh = init_device_mesh("cpu", (WORLD,))
     # FSDP2 shards dim 0; any dim works (slices are gathered), and so does a replicated tensor
@@ -483,6 +502,21 @@ def test_two_processes_match_one_process_on_the_combined_batch(
     start = _full(_net().parameters())
     moved = max((a - b).abs().max().item() for a, b in zip(reference[name], start, strict=True))
     assert moved > 1e-2
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_sharded_biases_and_gains_train_as_on_one_process(
+    name: str, runs: list[dict[str, Any]]
+) -> None:
+    net = _vector_net()
+    _train(net, OPTIMIZERS[name](net), 0, 1)
+    want = _full(net.parameters())
+    start = _full(_vector_net().parameters())
+    for rank, run in enumerate(runs):
+        got = run["fsdp"][f"vectors_{name}"]
+        for i, (g, w, s) in enumerate(zip(got, want, start, strict=True)):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9, msg=f"rank {rank}, param {i}")
+            assert (w - s).abs().max() > 1e-2  # every atom, biases and gain too, moved
 
 
 @pytest.mark.parametrize("layout", ["shard0", "shard1", "replicate"])

@@ -3,6 +3,7 @@ variants' networks, and one short run."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,3 +101,27 @@ def test_one_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 def test_variant_names_can_be_given_on_the_command_line() -> None:
     # --variants is comma-separated
     assert not [n for n in (*gg.VARIANTS, *ag.VARIANTS) if "," in n]
+
+
+@pytest.mark.parametrize("mass", [1.0, 0.25, 0.05])
+def test_the_affine_variants_add_biases_and_gains_of_their_mass(mass: float) -> None:
+    from modnorm.atoms import Bias, Gain
+
+    cfg, data = gg.CONFIG, _Vocab()
+    torch.manual_seed(0)
+    plain, _ = gg.VARIANTS["modnorm-dual"][0](cfg, data, 32, 2, 0.1, "cpu")
+    torch.manual_seed(0)
+    net, (opt,) = gg.VARIANTS[f"modnorm-dual with biases and gains of mass {mass:g}"][0](
+        cfg, data, 32, 2, 0.1, "cpu"
+    )
+    atoms = [a for a, _ in net.atom_shares()]
+    assert sum(isinstance(a, (Bias, Gain)) for a in atoms) == 2 * (6 + 4) + 1 + 2
+    # the mass is relative to a Linear's (the blocks and the head are tared as a whole): each
+    # Linear's bias, and the final LayerNorm's gain and bias (outside any tare)
+    pairs = [(a, b) for a, b in itertools.pairwise(atoms) if isinstance(a, Linear)]
+    assert len(pairs) == 2 * 6 + 1 and all(isinstance(b, Bias) for _, b in pairs)
+    assert [b.mass / a.mass for a, b in pairs] == pytest.approx([mass] * len(pairs))
+    assert atoms[-4].mass == atoms[-3].mass == mass  # the final LayerNorm's gain and bias
+    assert isinstance(opt, gg.mn_optim.Dual)
+    x = torch.randint(0, 11, (2, 16))
+    torch.testing.assert_close(net(x), plain(x))  # biases at 0 and gains at 1: the same start

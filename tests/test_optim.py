@@ -59,9 +59,9 @@ def resmlp(seed: int = 0, width: int = 32) -> mn.Module:
     return mn.ResMLP(64, 10, width=width, num_blocks=2)
 
 
-def gpt(seed: int = 0) -> mn.Module:
+def gpt(seed: int = 0, affine_mass: float | None = None) -> mn.Module:
     torch.manual_seed(seed)
-    return mn.GPT(vocab_size=17, context=8, width=32, num_heads=2, num_blocks=1)
+    return mn.GPT(17, 8, width=32, num_heads=2, num_blocks=1, affine_mass=affine_mass)
 
 
 def batch(data: tuple[torch.Tensor, torch.Tensor], step: int, size: int = 64):
@@ -124,20 +124,24 @@ def test_update_has_modular_norm_lr(name: str, digits) -> None:
             assert atom.atom_norm(t).item() == pytest.approx(LR * share, rel=1e-3)
 
 
+@pytest.mark.parametrize("affine_mass", [None, 0.5])
 @pytest.mark.parametrize("name", CORE)
-def test_update_norm_on_a_gpt_with_embeddings(name: str) -> None:
-    model = gpt()
+def test_update_norm_on_a_gpt_with_embeddings(name: str, affine_mass: float | None) -> None:
+    model = gpt(affine_mass=affine_mass)
     opt = OPTIMIZERS[name](model)
     for step in range(2):
         before = weights(model)
         opt.zero_grad()
         gpt_backward(model, step)
         opt.step()
-        assert model.norm(applied_update(model, before, 0.0)).item() == pytest.approx(LR, rel=1e-3)
+        u = applied_update(model, before, 0.0)
+        assert model.norm(u).item() == pytest.approx(LR, rel=1e-3)
+        for (atom, share), t in zip(model.atom_shares(), u, strict=True):
+            assert atom.atom_norm(t).item() == pytest.approx(LR * share, rel=1e-3)
 
 
 def test_dual_orthogonalizes_linear_and_row_normalizes_embedding() -> None:
-    model = gpt()
+    model = gpt(affine_mass=0.5)
     opt = optim.Dual(model, LR, method="svd")
     gpt_backward(model, 0)
     before = weights(model)
@@ -149,6 +153,10 @@ def test_dual_orthogonalizes_linear_and_row_normalizes_embedding() -> None:
             rows = u.norm(dim=1)
             used = rows > 0  # tokens absent from the batch have a zero gradient row
             assert torch.allclose(rows[used], torch.full_like(rows[used], LR * share), rtol=1e-4)
+        elif isinstance(atom, mn.Bias):  # the gradient's direction, of RMS lr·share
+            assert torch.isclose(u.square().mean().sqrt(), torch.tensor(LR * share), rtol=1e-4)
+        elif isinstance(atom, mn.Gain):  # every entry ±lr·share
+            assert torch.allclose(u.abs(), torch.full_like(u, LR * share), rtol=1e-4)
         else:  # U Vᵀ: every singular value is lr·share, save the gradient's null directions
             s = torch.linalg.svdvals(u)
             kept = s[s > 1e-3 * LR]

@@ -2,7 +2,7 @@
 width and depth (Large et al., "Scalable Optimization in the Modular Norm", NeurIPS 2024)."""
 
 from modnorm import optim as optim
-from modnorm.atoms import Conv2d, Embedding, Linear
+from modnorm.atoms import Bias, Conv2d, Embedding, Gain, Linear
 from modnorm.bonds import (
     GELU,
     Abs,
@@ -38,12 +38,14 @@ __all__ = [
     "Atom",
     "Attention",
     "AvgPool",
+    "Bias",
     "Bond",
     "CausalAttention",
     "Compose",
     "Conv2d",
     "Embedding",
     "Flatten",
+    "Gain",
     "Identity",
     "LayerNorm",
     "Linear",

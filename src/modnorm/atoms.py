@@ -233,3 +233,91 @@ class Conv2d(_MatrixAtom):
         u, _, vh = torch.linalg.svd(mats, full_matrices=False)
         self.weight.copy_((u @ vh).permute(1, 2, 0).reshape(self.weight.shape))
         return self
+
+
+class _VectorAtom(Atom):
+    """An atom whose weight is one vector over the last (feature) dimension of its input."""
+
+    def __init__(self, features: int, mass: float = 1.0) -> None:
+        super().__init__(mass)
+        self.in_features = self.out_features = _positive_int("features", features)
+        self.weight = nn.Parameter(torch.empty(features))
+        self.reset_parameters()
+
+    def _name(self) -> str:
+        return f"{self._get_name()}({self.out_features})"
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, mass={self.mass:.4g}"
+
+    def _check(self, x: Tensor) -> None:
+        if x.shape[-1] != self.out_features:
+            raise ValueError(
+                f"{self._name()} acts on the last dimension, of size {self.out_features}, "
+                f"but its input has shape {tuple(x.shape)}"
+            )
+
+
+class Bias(_VectorAtom):
+    """``y = x + b``, ``b`` added to every vector of the last dimension. Norm: the RMS of
+    ``b`` (the output moves by exactly that much, in the RMS norm). Dual map: ``√d·g/‖g‖₂``.
+    Weight shape ``(d,)``, zero at initialization. Affine in weight and input together, so
+    its sharpness is ``(0, 0, 0)``."""
+
+    @property
+    def sharpness(self) -> tuple[float, float, float]:
+        return (0.0, 0.0, 0.0)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return x + self.weight
+
+    def atom_norm(self, t: Tensor) -> Tensor:
+        return t.float().square().mean().sqrt()
+
+    def atom_dual(
+        self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
+    ) -> Tensor:
+        g32 = g.float()
+        n = g32.square().mean().sqrt()
+        return torch.where(n > 0, g32 / n.clamp_min(torch.finfo(torch.float32).tiny), 0.0).to(
+            g.dtype
+        )
+
+    @torch.no_grad()
+    def project_(self) -> Bias:
+        n = self.weight.float().square().mean().sqrt()
+        if n > 0:
+            self.weight.div_(n)
+        return self
+
+
+class Gain(_VectorAtom):
+    """``y = g ⊙ x``, ``g`` multiplying every vector of the last dimension (a LayerNorm's
+    weight). Norm: ``max |gᵢ|``, the RMS→RMS operator norm of ``diag(g)``. Dual map:
+    ``sign(g)``. Weight shape ``(d,)``, ones at initialization (unit norm, as an orthogonal
+    Linear). Bilinear in weight and input, as a Linear."""
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return x * self.weight
+
+    def atom_norm(self, t: Tensor) -> Tensor:
+        return t.float().abs().max()
+
+    def atom_dual(
+        self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
+    ) -> Tensor:
+        return torch.sign(g)
+
+    @torch.no_grad()
+    def project_(self) -> Gain:
+        """Every entry to ``±1`` (``diag(g)``'s polar factor); zero entries stay zero."""
+        self.weight.copy_(torch.sign(self.weight))
+        return self

@@ -7,8 +7,9 @@ of ``L`` aligned residues bounded, so the network stays well-normed at any depth
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-from modnorm.atoms import Conv2d, Embedding, Linear
+from modnorm.atoms import Bias, Conv2d, Embedding, Gain, Linear
 from modnorm.bonds import (
     Abs,
     AvgPool,
@@ -133,14 +134,32 @@ def ResCNN(  # noqa: N802
     return head @ Flatten() @ AvgPool() @ blocks @ initial
 
 
-def Attention(width: int, num_heads: int) -> Module:  # noqa: N802
+def _biased(affine_mass: float | None) -> Callable[[int, int], Module]:
+    """A Linear maker: with ``affine_mass`` each Linear is followed by a `Bias` of that mass."""
+    if affine_mass is not None and not (
+        isinstance(affine_mass, (int, float)) and 0 <= affine_mass < math.inf
+    ):
+        raise ValueError(f"affine_mass must be a non-negative number or None, got {affine_mass!r}")
+
+    def linear(d_in: int, d_out: int) -> Module:
+        lin = Linear(d_in, d_out)
+        return lin if affine_mass is None else Bias(d_out, affine_mass) @ lin
+
+    return linear
+
+
+def Attention(  # noqa: N802
+    width: int, num_heads: int, affine_mass: float | None = None
+) -> Module:
     """Multi-head causal self-attention with ``1/d_head`` scaling: queries, keys and values
-    are a tuple (ν = 3), scaled by 1/3 so the whole has ν = 1."""
+    are a tuple (ν = 3), scaled by 1/3 so the whole has ν = 1. With ``affine_mass`` each
+    Linear gets a `Bias` of that mass."""
     _positive("num_heads", num_heads)
     if width % num_heads:
         raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
-    q, k, v = (SplitHeads(num_heads) @ Linear(width, width) for _ in range(3))
-    out = Linear(width, width) @ MergeHeads(num_heads)
+    linear = _biased(affine_mass)
+    q, k, v = (SplitHeads(num_heads) @ linear(width, width) for _ in range(3))
+    out = linear(width, width) @ MergeHeads(num_heads)
     return out @ CausalAttention() @ Mul(1 / 3) @ TupleModule(q, k, v)
 
 
@@ -153,21 +172,32 @@ def GPT(  # noqa: N802
     blocks_mass: float = 5.0,
     output_scale: float = 1.0,
     head_mass: float = 1.0,
+    affine_mass: float | None = None,
 ) -> Module:
     """Decoder-only transformer on token indices ``(B, T)``, ``T ≤ context``, returning logits
     ``(B, T, vocab_size)``: pre-norm attention and GELU MLP blocks with residual weights
     ``1/(2L)``, learned token and position embeddings (as the reference). ``output_scale``
-    and ``head_mass`` as `ResMLP`'s."""
+    and ``head_mass`` as `ResMLP`'s. With ``affine_mass`` every Linear gets a `Bias` and every
+    LayerNorm a `Gain` and a `Bias` (as in ``torch.nn``), each atom of that mass where a
+    Linear has 1 (the blocks and the head are then tared as without them); ``None`` (the
+    default, as the reference) builds none."""
     _positive("vocab_size", vocab_size)
     _positive("context", context)
     _positive("num_blocks", num_blocks)
+    linear = _biased(affine_mass)
+
+    def norm() -> Module:
+        if affine_mass is None:
+            return LayerNorm()
+        return Bias(width, affine_mass) @ Gain(width, affine_mass) @ LayerNorm()
+
     embed = 0.5 * Embedding(vocab_size, width) + 0.5 * (Embedding(context, width) @ Positions())
     embed.tare(1.0)
-    attention = Attention(width, num_heads) @ LayerNorm()
-    mlp = Linear(4 * width, width) @ ScaledGELU() @ Linear(width, 4 * width) @ LayerNorm()
+    attention = Attention(width, num_heads, affine_mass) @ norm()
+    mlp = linear(4 * width, width) @ ScaledGELU() @ linear(width, 4 * width) @ norm()
     share = 1 / (2 * num_blocks)
     block = _residual(mlp, num_blocks, share) @ _residual(attention, num_blocks, share)
     blocks = block**num_blocks
     blocks.tare(blocks_mass)
-    head = _scaled_head(Linear(width, vocab_size), output_scale, head_mass)
-    return head @ LayerNorm() @ blocks @ embed
+    head = _scaled_head(linear(width, vocab_size), output_scale, head_mass)
+    return head @ norm() @ blocks @ embed
