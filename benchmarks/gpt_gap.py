@@ -20,6 +20,7 @@ best:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from modnorm import compounds
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.atoms import Embedding, Linear
+from modnorm.atoms import Bias, Embedding, Gain, Linear
 from modnorm.bonds import (
     CausalAttention,
     Identity,
@@ -150,6 +151,18 @@ def muon_with_modnorms_init(
     return model, opts
 
 
+def _affine_frozen(
+    cfg: Any, data: Any, width: int, depth: int, lr: float, device: str, *, frozen: type
+) -> Any:
+    """modnorm-dual on the GPT with biases and gains of mass 0.25, the atoms of type
+    ``frozen`` (`Bias` or `Gain`) of mass 0: held at their start (0 or 1), taking no share."""
+    net, opts = peers.modnorm_dual_gpt_affine(0.25)(cfg, data, width, depth, lr, device)
+    for atom, _ in net.atom_shares():
+        if isinstance(atom, frozen):
+            atom.mass = 0.0
+    return net, opts
+
+
 Variant = tuple[Builder, list[int]]
 VARIANTS: dict[str, Variant] = {
     "muon on the torch.nn GPT": (peers.muon, [-8, -7, -6, -5, -4]),
@@ -187,6 +200,14 @@ VARIANTS: dict[str, Variant] = {
     "modnorm-dual with biases and gains of mass 0.05": (
         peers.modnorm_dual_gpt_affine(0.05),
         [-4, -3, -2, -1, 0],
+    ),
+    "modnorm-dual with biases of mass 0.25 (gains held at 1)": (
+        functools.partial(_affine_frozen, frozen=Gain),
+        [-3, -2, -1],
+    ),
+    "modnorm-dual with gains of mass 0.25 (biases held at 0)": (
+        functools.partial(_affine_frozen, frozen=Bias),
+        [-3, -2, -1],
     ),
     "modnorm-dual with plain residuals": (_variant(residual="plain"), [-2, -1, 0, 1, 2, 3]),
     "modnorm-dual with tok + pos embeddings": (_variant(embed="sum"), [-3, -2, -1, 0]),

@@ -13,7 +13,7 @@ import torch
 from benchmarks import adam_gap as ag
 from benchmarks import gpt_gap as gg
 from modnorm import experiments as ex
-from modnorm.atoms import Embedding, Linear
+from modnorm.atoms import Bias, Embedding, Gain, Linear
 
 
 class _Vocab:
@@ -105,8 +105,6 @@ def test_variant_names_can_be_given_on_the_command_line() -> None:
 
 @pytest.mark.parametrize("mass", [1.0, 0.25, 0.05])
 def test_the_affine_variants_add_biases_and_gains_of_their_mass(mass: float) -> None:
-    from modnorm.atoms import Bias, Gain
-
     cfg, data = gg.CONFIG, _Vocab()
     torch.manual_seed(0)
     plain, _ = gg.VARIANTS["modnorm-dual"][0](cfg, data, 32, 2, 0.1, "cpu")
@@ -125,3 +123,14 @@ def test_the_affine_variants_add_biases_and_gains_of_their_mass(mass: float) -> 
     assert isinstance(opt, gg.mn_optim.Dual)
     x = torch.randint(0, 11, (2, 16))
     torch.testing.assert_close(net(x), plain(x))  # biases at 0 and gains at 1: the same start
+
+
+@pytest.mark.parametrize(
+    ("held", "moving"), [("(gains held at 1)", Bias), ("(biases held at 0)", Gain)]
+)
+def test_the_half_affine_variants_hold_one_kind_of_vector_atom(held: str, moving: type) -> None:
+    (name,) = [n for n in gg.VARIANTS if n.endswith(held)]
+    net, _ = gg.VARIANTS[name][0](gg.CONFIG, _Vocab(), 32, 2, 0.1, "cpu")
+    for atom, share in net.atom_shares():
+        if isinstance(atom, (Bias, Gain)):
+            assert (share > 0) == isinstance(atom, moving), (name, atom)
