@@ -11,7 +11,7 @@ best:
 * the network: more or less mass on the blocks (5 by default); nanoGPT's plain residuals
   ``x + block(x)``; token and position embeddings summed, not averaged; ``1/√d_head``
   attention scaling (modnorm's is ``1/d_head``); queries, keys and values not scaled by 1/3;
-  biases and LayerNorm gains as atoms (``GPT(affine_mass=m)``, three masses);
+  biases and LayerNorm gains as atoms (``GPT(affine_mass=m)``, three masses, each kind alone);
 * the references: ``muon`` on the ``torch.nn`` GPT (and on it without biases and LayerNorm
   gains, or initialized as modnorm's GPT), modnorm-dual and modnorm-adam.
 
