@@ -91,6 +91,11 @@ class _MatrixAtom(Atom):
         return out
 
 
+def _unit(g: Tensor, n: Tensor) -> Tensor:
+    """``g / n`` where ``n > 0``, zero where ``n = 0`` (a zero gradient has a zero dual)."""
+    return torch.where(n > 0, g / n.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
 def _groups(mats: list[Tensor]) -> list[list[int]]:
     """Indices of the matrices that can be stacked: same shape, dtype and device."""
     groups: dict[tuple[object, ...], list[int]] = {}
@@ -169,10 +174,7 @@ class Embedding(Atom):
         self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
     ) -> Tensor:
         g32 = g.float()
-        n = g32.norm(dim=1, keepdim=True)
-        return torch.where(n > 0, g32 / n.clamp_min(torch.finfo(torch.float32).tiny), 0.0).to(
-            g.dtype
-        )
+        return _unit(g32, g32.norm(dim=1, keepdim=True)).to(g.dtype)
 
     @torch.no_grad()
     def project_(self) -> Embedding:
@@ -282,10 +284,7 @@ class Bias(_VectorAtom):
         self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
     ) -> Tensor:
         g32 = g.float()
-        n = g32.square().mean().sqrt()
-        return torch.where(n > 0, g32 / n.clamp_min(torch.finfo(torch.float32).tiny), 0.0).to(
-            g.dtype
-        )
+        return _unit(g32, g32.square().mean().sqrt()).to(g.dtype)
 
     @torch.no_grad()
     def project_(self) -> Bias:
