@@ -250,11 +250,19 @@ def _fsdp(rank: int) -> dict[str, Any]:
     result["hsdp"] = _maps(
         _net(), [distribute_tensor(g, mesh2d, [Replicate(), Shard(0)]) for g in grads]
     )
-    tp = [distribute_tensor(g, mesh2d, [Shard(0), Shard(1)]) for g in grads]
-    result["tp_error"] = error(lambda: _net().normalize(tp))
+    # cut over both mesh dimensions (tensor parallel with FSDP2), or over either
+    two = [distribute_tensor(g, mesh2d, [Shard(0), Shard(1)]) for g in grads]
     mixed = [distribute_tensor(g, mesh2d, [Replicate(), Shard(0)]) for g in grads]
-    mixed[1] = distribute_tensor(grads[1], mesh2d, [Shard(0), Replicate()])
-    result["mesh_dims_error"] = error(lambda: _net().dualize(mixed))
+    mixed[1] = distribute_tensor(grads[1], mesh2d, [Shard(1), Replicate()])
+    for key, tensors in {"two_dims": two, "mixed_dims": mixed}.items():
+        result[key] = _maps(_net(), tensors)
+        result[f"{key}_layout"] = [
+            o.placements == t.placements and o.to_local().shape == t.to_local().shape
+            for o, t in zip(_net().dualize(tensors, 0.3), tensors, strict=True)
+        ]
+    elsewhere = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
+    elsewhere[1] = mixed[1]  # an unnamed 2-D mesh: not a submesh of the 1-D one, nor its root
+    result["mesh_error"] = error(lambda: _net().dualize(elsewhere))
     sharded = [distribute_tensor(g, mesh, [Shard(0)]) for g in grads]
     result["count_error"] = error(lambda: _net().dualize(sharded[:-1]))
     local = sharded[2].to_local().clone()
@@ -433,6 +441,60 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+# the tensor-parallel runs: a plan, and whether FSDP2 shards over the other mesh dimension
+TP_RUNS = {"tp": ("mlp", False), "fsdp_tp": ("mlp", True), "fsdp_tp_all": ("all", True)}
+
+
+def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Four ranks as a ``(dp, tp) = (2, 2)`` mesh: tensor parallel alone (each pair of ``tp``
+    ranks trains on the whole batch), and with FSDP2 over ``dp`` (each pair on its half)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from modnorm.parallel import ColwiseParallel, RowwiseParallel
+
+    _join(rank, init_file, 4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp = mesh["dp"].get_local_rank()
+    result: dict[str, Any] = {}
+    for key, (plan, fsdp) in TP_RUNS.items():
+        for name in SPLIT:
+            net = _tall_net()
+            # Megatron's MLP cut: the first Linear's rows, the second's columns; "all" cuts the
+            # head's rows too, "mlp" leaves it whole (under FSDP2 it lives on the dp submesh)
+            styles: dict[str, Any] = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+            if plan == "all":
+                styles["4"] = ColwiseParallel(output_layouts=Replicate())
+            parallelize_module(net, mesh["tp"], styles)
+            if fsdp:
+                fully_shard(net, mesh=mesh["dp"])
+            opt = OPTIMIZERS[name](net)
+            _train(net, opt, dp if fsdp else 0, 2 if fsdp else 1)
+            result[f"{key}_{name}"] = _full(net.parameters())
+            result[f"{key}_{name}_placements"] = [
+                tuple(getattr(p, "placements", ())) for p in net.parameters()
+            ]
+            result[f"{key}_{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
+    torch.manual_seed(3)
+    whole = mn.Embedding(10, 6)
+    indices = torch.tensor([[1, 9, 3], [0, 0, 7]])
+    result["embedding"] = whole(indices).detach()
+    # (as with torch's styles, a row-cut Embedding is told that its indices are whole)
+    for style in (
+        ColwiseParallel(output_layouts=Replicate()),
+        RowwiseParallel(input_layouts=Replicate()),
+    ):
+        cut = mn.Embedding(10, 6)
+        cut.load_state_dict(whole.state_dict())
+        parallelize_module(cut, mesh["tp"], style)
+        result[f"embedding_{type(style).__name__}"] = cut(indices).detach()
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def spawned() -> Iterator[tuple[list[dict[str, Any]], Path]]:
     """The 2-process results, and the directory of the checkpoints they saved."""
@@ -549,16 +611,29 @@ def test_hsdp_layout_gives_the_maps_of_the_full_tensors(runs: list[dict[str, Any
             torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", ["two_dims", "mixed_dims"])
+def test_tensors_cut_over_two_mesh_dimensions_give_the_maps_of_the_full_tensors(
+    layout: str, runs: list[dict[str, Any]]
+) -> None:
+    # (Shard(0), Shard(1)) as tensor parallelism under FSDP2 makes, and tensors cut over
+    # different mesh dimensions: resharded to one cut, computed, and laid out as given again.
+    want = _maps(_net(), _grads())
+    for run in runs:
+        got = run["fsdp"][layout]
+        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
+        for g, w in zip(got["dualize"], want["dualize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+        for g, w in zip(got["normalize"], want["normalize"], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+        assert all(run["fsdp"][f"{layout}_layout"])
+
+
 def test_sharded_bad_input_gets_clear_errors(runs: list[dict[str, Any]]) -> None:
     for run in runs:
         errors = run["fsdp"]
         assert "placement Partial" in errors["partial_error"]
-        assert "sharded over 2 mesh dimensions" in errors["tp_error"]
-        assert "not tensor parallel" in errors["tp_error"]
-        assert (
-            "tensor 0 is sharded over mesh dimension 1 and tensor 1 over 0"
-            in (errors["mesh_dims_error"])
-        )
+        assert "tensor 1 lives on another device mesh than tensor 0's" in errors["mesh_error"]
+        assert "put every parameter on one mesh" in errors["mesh_error"]
         assert "expected 4 tensors" in errors["count_error"]
         # a NaN on rank 1's slice is seen by both ranks: neither goes on into a collective alone
         assert "non-finite values in tensor 2" in errors["nan_error"]
@@ -915,3 +990,34 @@ def test_hsdp_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
                     torch.testing.assert_close(
                         g, w, rtol=0, atol=1e-6, msg=f"{kind} {name} rank {rank} param {i}"
                     )
+
+
+def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
+    # modnorm's Linears cut by tensor parallelism (alone, and with FSDP2 over the other mesh
+    # dimension, whose ranks then split the atoms as HSDP's replicas do) train as on one
+    # process on the combined batch: the norms and dual maps are those of the full matrices.
+    from torch.distributed.tensor import Shard
+
+    runs = _spawn(_tp_worker, tmp_path, timeout=180.0, nprocs=4)
+    for name in SPLIT:
+        net = _tall_net()
+        _train(net, OPTIMIZERS[name](net), 0, 1)
+        want = _full(net.parameters())
+        for key in TP_RUNS:
+            for rank, run in enumerate(runs):
+                for i, (g, w) in enumerate(zip(run[f"{key}_{name}"], want, strict=True)):
+                    torch.testing.assert_close(
+                        g, w, rtol=0, atol=1e-6, msg=f"{key} {name} rank {rank} param {i}"
+                    )
+                warm = [w["_v"] for w in run[f"{key}_{name}_warm_start"]]
+                first = [w["_v"] for w in runs[0][f"{key}_{name}_warm_start"]]
+                for a, b in zip(warm, first, strict=True):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+        placements = runs[0][f"tp_{name}_placements"]
+        assert placements[:2] == [(Shard(0),), (Shard(1),)] and placements[2] == ()
+        placements = runs[0][f"fsdp_tp_{name}_placements"]
+        assert [p[1] for p in placements[:2]] == [Shard(0), Shard(1)]  # cut over both
+        assert placements[2] == (Shard(0),)  # FSDP2's alone, on the dp submesh
+    for run in runs:
+        for style in ("ColwiseParallel", "RowwiseParallel"):
+            torch.testing.assert_close(run[f"embedding_{style}"], run["embedding"], rtol=0, atol=0)

@@ -22,13 +22,14 @@ Gathering, not a distributed power iteration: a sharded Lanczos needs two latenc
 collectives per iteration (``Aᵀu`` and the reorthogonalization) over 4 to tens of iterations,
 and the dual map needs the whole matrix anyway; a gather is one collective per atom. The
 warm starts live on the owners; :func:`share_warm_starts` copies them everywhere for a state
-dict. Supported layouts: ``Shard(d)`` (any ``d``) and ``Replicate`` placements, every tensor
-sharded over the same one dimension of the device mesh: what ``fully_shard`` makes on a 1-D
-mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D one, where the replicas split the
-atoms too: each atom is computed in one replica (gathered among its ranks), which broadcasts
-its slices of the dual map to the same ranks of the others; the norms are all-reduced over
-both dimensions. (Split atoms are still computed in every replica.) A tensor sharded over
-two mesh dimensions (tensor parallel) raises a ``ValueError``.
+dict. The work happens in one layout (`_canonical`): every tensor cut over at most one
+dimension of the device mesh, ``Shard(d)`` (any ``d``), and replicated over the others. That
+is what ``fully_shard`` makes on a 1-D mesh, and HSDP's ``(Replicate(), Shard(0))`` on a 2-D
+one, where the replicas split the atoms too: each atom is computed in one replica (gathered
+among its ranks), which broadcasts its slices of the dual map to the same ranks of the others;
+the norms are all-reduced over both dimensions. (Split atoms are still computed in every
+replica.) Tensor parallelism (:mod:`modnorm.parallel`), alone or with FSDP2, cuts tensors over
+two dimensions: they are all-gathered over the first, computed as under HSDP, and cut again.
 
 :func:`save_checkpoint` / :func:`load_checkpoint` save and resume a modnorm optimizer and its
 module with ``torch.distributed.checkpoint`` (sharded, resumable on any number of ranks), and
@@ -81,51 +82,134 @@ def any_sharded(tensors: Sequence[object]) -> bool:
     return any(isinstance(t, module.DTensor) for t in tensors)
 
 
-def _check_layout(tensors: Sequence[Tensor]) -> dist.ProcessGroup | None:
-    """The process group of the mesh dimension the DTensors are sharded over (FSDP2's one
-    dimension, or HSDP's second: the ranks of one replica); a clear error otherwise."""
-    layout = _layout(tensors)
-    return None if layout is None else layout[0].get_group(layout[1])
-
-
 def _layout(tensors: Sequence[Tensor]) -> tuple[Any, int] | None:
-    """The DTensors' device mesh and the one dimension of it they are sharded over (the last
-    if none is sharded); ``None`` without DTensors; a clear error for other layouts."""
+    """The DTensors' device mesh (the root mesh where some live on a submesh of it) and the
+    dimension of it the canonical layout (`_canonical`) shards over: the last one over which
+    some tensor is sharded (tensor parallel's, under FSDP2 with TP), or the last one if none
+    is; ``None`` without DTensors; a clear error for other layouts. From placements only."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    mesh = None
-    sharded: dict[int, int] = {}  # mesh dimension → the first tensor sharded over it
-    for i, t in enumerate(tensors):
-        if not isinstance(t, DTensor):
-            continue
+    dtensors = [(i, t) for i, t in enumerate(tensors) if isinstance(t, DTensor)]
+    if not dtensors:
+        return None
+    for i, t in dtensors:
         for p in t.placements:
-            if type(p) not in (Shard, Replicate):
+            if not (_is_cut(p) or isinstance(p, Replicate)):
                 raise ValueError(
                     f"tensor {i} has placement {p!r}: modnorm supports Shard(dim) and Replicate "
                     "(a Partial tensor must be reduced first)"
                 )
-        dims = [d for d, p in enumerate(t.placements) if isinstance(p, Shard)]
-        if len(dims) > 1:
-            raise ValueError(
-                f"tensor {i} is sharded over {len(dims)} mesh dimensions {t.placements}: "
-                "modnorm supports one (FSDP2, or HSDP's Replicate then Shard), not tensor "
-                "parallel"
-            )
-        for d in dims:
-            sharded.setdefault(d, i)
-        if mesh is None:
-            mesh = t.device_mesh
-        elif t.device_mesh != mesh:
-            raise ValueError(f"tensor {i} lives on another device mesh than tensor 0's")
-    if len(sharded) > 1:
-        (d0, i0), (d1, i1) = list(sharded.items())[:2]
-        raise ValueError(
-            f"tensor {i0} is sharded over mesh dimension {d0} and tensor {i1} over {d1}: "
-            "modnorm needs all of them sharded over the same one"
+    mesh = _root_mesh(dtensors)
+    lifted = [_lifted(t, mesh) for _, t in dtensors]
+    plain = {d for ps in lifted for d, p in enumerate(ps) if isinstance(p, Shard)}
+    cut = {d for ps in lifted for d, p in enumerate(ps) if _is_cut(p)}
+    return mesh, max(plain or cut, default=mesh.ndim - 1)
+
+
+def _is_cut(placement: Any) -> bool:
+    """``Shard(d)``, or the ``_StridedShard(d)`` FSDP2 makes of a tensor-parallel ``Shard(d)``
+    (a private class, matched by name)."""
+    from torch.distributed.tensor import Shard
+
+    return isinstance(placement, Shard) or type(placement).__name__ == "_StridedShard"
+
+
+def _root_mesh(dtensors: Sequence[tuple[int, Any]]) -> Any:
+    """The one mesh of all the DTensors, or the root mesh of which each lives on a named
+    submesh (FSDP2 on ``mesh["dp"]`` puts the tensor-parallel parameters on the 2-D mesh and
+    the others on the 1-D one)."""
+    i0, t0 = dtensors[0]
+    mesh = t0.device_mesh
+    if all(t.device_mesh == mesh for _, t in dtensors):
+        return mesh
+    root = getattr(mesh, "_get_root_mesh", lambda: None)()
+    names = root.mesh_dim_names if root is not None else None
+    for i, t in dtensors:
+        sub = t.device_mesh
+        if t.device_mesh == root:
+            continue
+        lifts = (
+            names is not None
+            and getattr(sub, "_get_root_mesh", lambda: None)() == root
+            and sub.mesh_dim_names is not None
+            and set(sub.mesh_dim_names) <= set(names)
         )
-    if mesh is None:
-        return None
-    return mesh, next(iter(sharded), mesh.ndim - 1)
+        if not lifts:
+            raise ValueError(
+                f"tensor {i} lives on another device mesh than tensor {i0}'s, and not on a "
+                "named submesh of one root mesh: put every parameter on one mesh"
+            )
+    return root
+
+
+def _lifted(t: Any, mesh: Any) -> list[Any]:
+    """``t``'s placements over the dimensions of ``mesh`` (Replicate over those of its own
+    submesh lacks: its ranks there hold the same slice)."""
+    from torch.distributed.tensor import Replicate
+
+    if t.device_mesh == mesh:
+        return list(t.placements)
+    own = t.device_mesh.mesh_dim_names
+    return [
+        t.placements[own.index(name)] if name in own else Replicate()
+        for name in mesh.mesh_dim_names
+    ]
+
+
+def _canonical(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The DTensors laid out as the rest of this module works on them: on one mesh, sharded
+    over at most its dimension ``k`` of `_layout` and replicated over the others. FSDP2's and
+    HSDP's layouts already are (nothing moves); under tensor parallelism with FSDP2 (say
+    ``(_StridedShard(0), Shard(0))`` on a ``(dp, tp)`` mesh) a tensor is all-gathered over the
+    other dimensions, so each rank holds its tensor-parallel slice, and the ``dp`` ranks split
+    the atoms as HSDP's replicas do. A tensor sharded only elsewhere moves its cut to ``k``."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    layout = _layout(tensors)
+    if layout is None:
+        return list(tensors)
+    mesh, k = layout
+    out = []
+    for t in tensors:
+        if not isinstance(t, DTensor):
+            out.append(t)
+            continue
+        placements = _lifted(t, mesh)
+        target: list[Any] = [Replicate()] * mesh.ndim
+        cuts = [p.dim for p in placements if _is_cut(p)]
+        if isinstance(placements[k], Shard):
+            target[k] = placements[k]
+        elif cuts:
+            target[k] = Shard(cuts[-1])
+        if t.device_mesh != mesh:
+            t = DTensor.from_local(
+                t.to_local(), mesh, placements, run_check=False, shape=t.shape, stride=t.stride()
+            )
+        out.append(t if list(t.placements) == target else t.redistribute(mesh, target))
+    return out
+
+
+def _restore(out: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """``out`` (in the canonical layout) laid out as ``like`` again: this rank's slices cut
+    from what it holds (no communication: the canonical layout replicates what ``like``
+    shards further)."""
+    from torch.distributed.tensor import DTensor
+
+    restored = []
+    for o, t in zip(out, like, strict=True):
+        if isinstance(o, DTensor) and isinstance(t, DTensor):
+            o = o.redistribute(o.device_mesh, _lifted(t, o.device_mesh))
+            if t.device_mesh != o.device_mesh:
+                o = DTensor.from_local(
+                    o.to_local(),
+                    t.device_mesh,
+                    t.placements,
+                    run_check=False,
+                    shape=t.shape,
+                    stride=t.stride(),
+                )
+        restored.append(o)
+    return restored
 
 
 class _Groups:
@@ -149,14 +233,14 @@ class _Groups:
 
 
 def _shard(t: Tensor) -> tuple[int, int] | None:
-    """(mesh dimension, tensor dimension) of a DTensor's one ``Shard``; ``None`` if it has
-    none or is a plain tensor."""
-    from torch.distributed.tensor import DTensor, Shard
+    """(mesh dimension, tensor dimension) of a DTensor's first ``Shard`` (its one, in the
+    canonical layout); ``None`` if it has none or is a plain tensor."""
+    from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
         for d, p in enumerate(t.placements):
-            if isinstance(p, Shard):
-                return d, p.dim
+            if _is_cut(p):
+                return d, cast(Any, p).dim
     return None
 
 
@@ -165,30 +249,35 @@ def gather(tensors: Sequence[Tensor]) -> list[Tensor]:
     are. For diagnostics such as :meth:`Module.dual_norm`; the optimizers do not need it."""
     from torch.distributed.tensor import DTensor
 
-    _check_layout(tensors)
+    _layout(tensors)
     return [t.full_tensor() if isinstance(t, DTensor) else t for t in tensors]
 
 
 @torch.no_grad()
 def global_sums(tensors: Sequence[Tensor]) -> Tensor:
     """The sum of each tensor in float32 (NaN or ±∞ if any entry is), stacked; for DTensors
-    the sum over all slices, by one all-reduce of the stacked local sums."""
+    the sum over all slices, by one all-reduce of the stacked local sums per mesh dimension
+    that cuts some tensor (one under FSDP2, two under FSDP2 with tensor parallelism)."""
     if not any_sharded(tensors):
         device = tensors[0].device
         return torch.stack([t.sum().float().to(device) for t in tensors])
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
-    group = _check_layout(tensors)
-    sharded = [
-        isinstance(t, DTensor) and any(isinstance(p, Shard) for p in t.placements) for t in tensors
-    ]
+    layout = _layout(tensors)
+    assert layout is not None
+    mesh = layout[0]
     locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
     device = locals_[0].device
     sums = torch.stack([t.sum().float().to(device) for t in locals_])
-    mask = torch.tensor(sharded, device=device)
-    part = torch.where(mask, sums, 0.0)  # replicated tensors: the local sum is the sum
-    dist.all_reduce(part, group=group)
-    sums = torch.where(mask, part, sums)
+    placements = [_lifted(t, mesh) if isinstance(t, DTensor) else [] for t in tensors]
+    for d in range(mesh.ndim):  # a tensor cut over a dimension: its parts there add up
+        cut = [any(_is_cut(p) for p in ps[d : d + 1]) for ps in placements]
+        if not any(cut):
+            continue
+        mask = torch.tensor(cut, device=device)
+        part = torch.where(mask, sums, 0.0)
+        dist.all_reduce(part, group=mesh.get_group(d))
+        sums = torch.where(mask, part, sums)
     return sums
 
 
@@ -372,6 +461,7 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
     computed by its owner from the gathered tensor, then shared by one all-reduce."""
     from modnorm.modules import _atom_norms
 
+    tensors = _canonical(tensors)
     work = _Work(module, tensors, splittable=True)
     shares, mine, split = module.atom_shares(), work.mine, work.split
     norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
@@ -444,6 +534,7 @@ def dualize(
     from modnorm.modules import _atom_duals, _check_target
 
     target = _check_target(target)
+    like, tensors = tensors, _canonical(tensors)
     # an SVD needs the whole matrix: only Newton–Schulz splits one across ranks
     work = _Work(module, tensors, splittable=method == "newton_schulz")
     shares, mine, group = module.atom_shares(), work.mine, work.group
@@ -458,7 +549,7 @@ def dualize(
     work.share(out)
     for i in work.split:
         out[i] = _split_dual(shares[i][0], tensors[i], target * shares[i][1], group, precision)
-    return out
+    return _restore(out, like)
 
 
 def _split_dual(
