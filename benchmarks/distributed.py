@@ -1,8 +1,11 @@
-"""Step time of modnorm's optimizers under DDP and FSDP2 (2 CPU processes, gloo).
+"""Step time of modnorm's optimizers under DDP, FSDP2 and tensor parallelism (2 CPU
+processes, gloo).
 
 For a character-level GPT (random tokens: the data does not change the time), each process
 trains with ``torch.optim.AdamW``, ``mn.optim.Adam`` and ``mn.optim.Dual``, first wrapped in
-DistributedDataParallel, then sharded with ``fully_shard`` (one FSDP unit per atom), and rank 0
+DistributedDataParallel, then sharded with ``fully_shard`` (one FSDP unit per atom), then cut
+by ``megatron_plan`` over the 2 ranks (tensor parallel: both ranks see the same batch, of
+twice the sequences, so that every strategy's step covers the same tokens), and rank 0
 prints the median time per step of
 
 * forward + backward (with DDP's all-reduce or FSDP2's all-gathers and reduce-scatter),
@@ -15,6 +18,7 @@ prints the median time per step of
   Collective time includes waiting for the other rank.
 
     python benchmarks/distributed.py --width 256
+    python benchmarks/distributed.py --width 256 --strategies tp   # writes ..._w256_tp.json
 """
 
 from __future__ import annotations
@@ -61,14 +65,21 @@ def _timed(clock: list[float], fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build(strategy: str, args: argparse.Namespace) -> Any:
-    """The GPT (same weights on every rank), wrapped in DDP or sharded by FSDP2."""
+    """The GPT (same weights on every rank), wrapped in DDP, sharded by FSDP2 or cut by
+    tensor parallelism."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
     from torch.nn.parallel import DistributedDataParallel
 
+    from modnorm.parallel import megatron_plan
+
     torch.manual_seed(0)
-    model = mn.GPT(65, args.context, args.width, max(1, args.width // 64), args.blocks)
+    model = mn.GPT(65, args.context, args.width, max(2, args.width // 64), args.blocks)
     if strategy == "ddp":
         return DistributedDataParallel(model)
+    if strategy == "tp":
+        return parallelize_module(model, init_device_mesh("cpu", (2,)), megatron_plan(model))
     for atom, _ in model.atom_shares():
         fully_shard(atom)
     return fully_shard(model)
@@ -77,7 +88,9 @@ def build(strategy: str, args: argparse.Namespace) -> Any:
 def measure(strategy: str, opt_name: str, args: argparse.Namespace, rank: int) -> dict[str, float]:
     wrapped = build(strategy, args)
     opt = OPTIMIZERS[opt_name](wrapped)
-    gen = torch.Generator().manual_seed(1 + rank)
+    tp = strategy == "tp"  # the same batch on both ranks, the whole one
+    gen = torch.Generator().manual_seed(1 if tp else 1 + rank)
+    batch = 2 * args.batch if tp else args.batch
     shape, comm = [0.0, 0.0], [0.0, 0.0]
     patches = [
         mock.patch.object(dist, name, _timed(comm, getattr(dist, name)))
@@ -90,7 +103,7 @@ def measure(strategy: str, opt_name: str, args: argparse.Namespace, rank: int) -
         p.start()
     try:
         for _ in range(args.warmup + args.steps):
-            tokens = torch.randint(0, 65, (args.batch, args.context + 1), generator=gen)
+            tokens = torch.randint(0, 65, (batch, args.context + 1), generator=gen)
             dist.barrier()
             t0 = time.perf_counter()
             loss = F.cross_entropy(wrapped(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
@@ -127,7 +140,7 @@ def worker(rank: int, args: argparse.Namespace, init_file: str, out: str) -> Non
         timeout=datetime.timedelta(minutes=5),
     )
     rows = []
-    for strategy in ("ddp", "fsdp2"):
+    for strategy in args.strategies.split(","):
         for opt_name in OPTIMIZERS:
             row = {
                 "strategy": strategy,
@@ -159,8 +172,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--strategies", default="ddp,fsdp2", help="of ddp, fsdp2, tp")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    unknown = set(args.strategies.split(",")) - {"ddp", "fsdp2", "tp"}
+    if unknown:
+        parser.error(f"unknown strategies {sorted(unknown)}: choose from ddp, fsdp2, tp")
     print(
         f"torch {torch.__version__}, 2 processes × {args.threads} threads, GPT width "
         f"{args.width}, {args.blocks} blocks, {args.batch}×{args.context} tokens per rank"
@@ -175,7 +192,8 @@ def main() -> None:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"distributed_cpu_w{args.width}.json"
+    suffix = "" if args.strategies == "ddp,fsdp2" else "_" + args.strategies.replace(",", "_")
+    path = args.out / f"distributed_cpu_w{args.width}{suffix}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -4,13 +4,15 @@ torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --steps 100 --optimizer d
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --stop-after 50 --checkpoint ck
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --checkpoint ck   # steps 51 to 200
 torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --replicas 2      # HSDP: 2 × 2 ranks
+torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --tp 2            # FSDP2 × tensor parallel
 
 ``fully_shard`` turns every parameter into a DTensor of which each rank holds a slice. The
 modular norm of an atom is global, so each atom's norm and dual map (Newton–Schulz) are
 computed by one rank, the atoms balanced across ranks by cost (a matrix too large for one
 rank by all of them together), and each rank keeps its slice of the result
 (docs/distributed.md). Build the optimizer after ``fully_shard``: it replaces the
-parameters. Runs on CPU with gloo, or on GPUs with NCCL.
+parameters. With ``--tp``, each block's heads and MLP are first cut across ``tp`` ranks
+(``megatron_plan``), which see the same batches. Runs on CPU with gloo, or on GPUs with NCCL.
 """
 
 import argparse
@@ -23,10 +25,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import parallelize_module
 
 import modnorm as mn
 from modnorm.data import text, text_windows
 from modnorm.distributed import load_checkpoint, save_checkpoint
+from modnorm.parallel import megatron_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = {
@@ -50,6 +54,7 @@ parser.add_argument(
 )
 parser.add_argument("--stop-after", type=int, help="stop after this step (and checkpoint)")
 parser.add_argument("--replicas", type=int, default=1, help="HSDP: shard within each replica")
+parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (cut heads, MLPs)")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -64,17 +69,27 @@ data = text(args.data)
 torch.manual_seed(0)  # the same initial weights everywhere, before each rank keeps a slice
 model = mn.GPT(data.num_classes, args.context, args.width, args.heads, args.blocks).to(device)
 mesh = None  # all ranks shard every weight; with --replicas, HSDP on a 2-D mesh
+for n in (args.replicas, args.tp):
+    if world % n:
+        raise SystemExit(f"--replicas {args.replicas} / --tp {args.tp} must divide {world} ranks")
+if args.replicas > 1 and args.tp > 1:
+    raise SystemExit("--replicas and --tp together need a 3-D mesh, which this script lacks")
+data_rank = rank  # ranks with the same data rank see the same batches
 if args.replicas > 1:
-    if world % args.replicas:
-        raise SystemExit(f"--replicas {args.replicas} does not divide the {world} ranks")
     shape = (args.replicas, world // args.replicas)
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+if args.tp > 1:
+    tp_mesh = init_device_mesh(
+        device.type, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp")
+    )
+    parallelize_module(model, tp_mesh["tp"], megatron_plan(model))
+    mesh, data_rank = tp_mesh["dp"], tp_mesh["dp"].get_local_rank()
 for atom, _ in model.atom_shares():  # one FSDP unit per weight matrix (a block would do too)
     fully_shard(atom, mesh=mesh)
 fully_shard(model, mesh=mesh)
 optimizer = OPTIMIZERS[args.optimizer](model, args.lr)  # after fully_shard, on the DTensors
 schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1 - t / args.steps)
-windows = torch.Generator().manual_seed(1 + rank)  # different batches on different ranks
+windows = torch.Generator().manual_seed(1 + data_rank)  # different batches on different ranks
 first = 1
 if args.checkpoint is not None and args.checkpoint.exists():
     # DCP reshards: the checkpoint may come from another number of ranks (or one process)

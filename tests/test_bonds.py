@@ -135,6 +135,18 @@ def test_heads_rotary_and_pooling() -> None:
         mn.SplitHeads(5) @ mn.Linear(4, 12)
 
 
+def test_split_heads_with_a_head_dim_takes_a_slice_of_whole_heads() -> None:
+    # a tensor-parallel rank holds the features of some heads: the same heads come out
+    x = torch.randn(2, 5, 12)
+    whole = mn.SplitHeads(3, head_dim=4)
+    assert torch.equal(whole(x), mn.SplitHeads(3)(x))
+    assert torch.equal(whole(x[..., 4:12]), mn.SplitHeads(3)(x)[:, 1:])
+    with pytest.raises(ValueError, match="6 features are not whole heads of 4"):
+        whole(x[..., :6])
+    with pytest.raises(ValueError, match="12 features are not 2 heads of 4"):
+        mn.SplitHeads(2, head_dim=4) @ mn.Linear(4, 12)
+
+
 def test_causal_attention_matches_a_naive_implementation() -> None:
     q, k, v = (torch.randn(2, 3, 7, 4) for _ in range(3))
     out = mn.CausalAttention()((q, k, v))

@@ -441,6 +441,34 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _gpt() -> mn.Module:
+    """A 2-block GPT with 4 heads of 4 (float64, seed 4): two heads and half of each MLP on
+    each of two tensor-parallel ranks."""
+    torch.manual_seed(4)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return mn.GPT(11, 8, 16, 4, 2)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def _train_gpt(model: Any, opt: torch.optim.Optimizer, rank: int, world: int) -> None:
+    """As `_train`, on 4 sequences of 8 random tokens a step, next-token loss."""
+    for step in range(STEPS // 2):
+        tokens = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(step))
+        x, y = tokens[:, :-1].chunk(world)[rank], tokens[:, 1:].chunk(world)[rank]
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _cut_over_tp(t: Any) -> bool:
+    names = getattr(getattr(t, "device_mesh", None), "mesh_dim_names", None) or ()
+    return "tp" in names and t.placements[names.index("tp")].is_shard()
+
+
 # the tensor-parallel runs: a plan, and whether FSDP2 shards over the other mesh dimension
 TP_RUNS = {"tp": ("mlp", False), "fsdp_tp": ("mlp", True), "fsdp_tp_all": ("all", True)}
 
@@ -453,7 +481,7 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import parallelize_module
 
-    from modnorm.parallel import ColwiseParallel, RowwiseParallel
+    from modnorm.parallel import ColwiseParallel, RowwiseParallel, megatron_plan
 
     _join(rank, init_file, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
@@ -477,6 +505,15 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
                 tuple(getattr(p, "placements", ())) for p in net.parameters()
             ]
             result[f"{key}_{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
+    for key, fsdp in {"gpt_tp": False, "gpt_fsdp_tp": True}.items():
+        for name in SPLIT:
+            net = _gpt()
+            parallelize_module(net, mesh["tp"], megatron_plan(net))
+            if fsdp:
+                fully_shard(net, mesh=mesh["dp"])
+            _train_gpt(net, OPTIMIZERS[name](net), dp if fsdp else 0, 2 if fsdp else 1)
+            result[f"{key}_{name}"] = _full(net.parameters())
+            result[f"{key}_{name}_tp_cuts"] = sum(map(_cut_over_tp, net.parameters()))
     torch.manual_seed(3)
     whole = mn.Embedding(10, 6)
     indices = torch.tensor([[1, 9, 3], [0, 0, 7]])
@@ -998,6 +1035,8 @@ def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> No
     # process on the combined batch: the norms and dual maps are those of the full matrices.
     from torch.distributed.tensor import Shard
 
+    from modnorm.parallel import megatron_plan
+
     runs = _spawn(_tp_worker, tmp_path, timeout=180.0, nprocs=4)
     for name in SPLIT:
         net = _tall_net()
@@ -1018,6 +1057,17 @@ def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> No
         placements = runs[0][f"fsdp_tp_{name}_placements"]
         assert [p[1] for p in placements[:2]] == [Shard(0), Shard(1)]  # cut over both
         assert placements[2] == (Shard(0),)  # FSDP2's alone, on the dp submesh
+    for name in SPLIT:  # the GPT cut by megatron_plan: heads and MLPs split over tp
+        net = _gpt()
+        _train_gpt(net, OPTIMIZERS[name](net), 0, 1)
+        want = _full(net.parameters())
+        for key in ("gpt_tp", "gpt_fsdp_tp"):
+            assert runs[0][f"{key}_{name}_tp_cuts"] == len(megatron_plan(_gpt())) == 12
+            for rank, run in enumerate(runs):
+                for i, (g, w) in enumerate(zip(run[f"{key}_{name}"], want, strict=True)):
+                    torch.testing.assert_close(
+                        g, w, rtol=0, atol=1e-6, msg=f"{key} {name} rank {rank} param {i}"
+                    )
     for run in runs:
         for style in ("ColwiseParallel", "RowwiseParallel"):
             torch.testing.assert_close(run[f"embedding_{style}"], run["embedding"], rtol=0, atol=0)

@@ -18,3 +18,24 @@ def test_a_style_names_what_it_cannot_cut(style: str, module: mn.Module) -> None
 
     with pytest.raises(ValueError, match=f"{style} shards a modnorm Linear or Embedding"):
         getattr(parallel, style)()._apply(module, None)
+
+
+def test_megatron_plan_cuts_attention_by_heads_and_mlps_by_rows_then_columns() -> None:
+    from modnorm.parallel import ColwiseParallel, RowwiseParallel, megatron_plan
+
+    net = mn.GPT(11, 8, 16, 4, 2)
+    atoms = {name for name, m in net.named_modules() if isinstance(m, mn.Linear)}
+    plan = {name: type(style) for name, style in megatron_plan(net).items()}
+    # every hidden Linear, each block's q, k, v and MLP input by rows, outputs by columns
+    assert set(plan) == atoms - {max(atoms, key=lambda n: int(n.split(".")[0]))}  # not the head
+    cut = [dict(net.named_modules())[n] for n in plan]
+    rows = [m.out_features for m, s in zip(cut, plan.values(), strict=True) if s is ColwiseParallel]
+    assert sorted(rows) == sorted([16] * 6 + [64] * 2)  # 3 × 2 q/k/v, 2 MLP inputs
+    assert list(plan.values()).count(RowwiseParallel) == 4  # 2 attention outputs, 2 MLP outputs
+    mlp = mn.Linear(32, 5) @ mn.GELU() @ mn.Linear(16, 32) @ mn.GELU() @ mn.Linear(12, 16)
+    assert {n: type(s) for n, s in megatron_plan(mlp).items()} == {
+        "0": ColwiseParallel,
+        "2": RowwiseParallel,
+    }
+    assert megatron_plan(mn.ResMLP(12, 5, width=16, num_blocks=2)) == {}  # no pairs to cut
+    assert megatron_plan(mn.GPT(11, 8, 16, 4, 1, affine_mass=0.1)) == {}  # biases: left whole

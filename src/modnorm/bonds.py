@@ -239,11 +239,13 @@ class SplitHeads(Bond):
     """``(B, T, H·D) → (B, H, T, D)``, a reshape. Measured per head (as `CausalAttention`), a
     token's head can have up to ``√H`` times the token's RMS over all features (its features
     gathered in one head); ν = 1 is the typical gain, with features spread evenly over the
-    heads (at an orthogonal initialization), not the worst case."""
+    heads (at an orthogonal initialization), not the worst case. With ``head_dim`` the input
+    may also be a slice of whole heads (a tensor-parallel rank's ``H/tp`` of them)."""
 
-    def __init__(self, num_heads: int) -> None:
+    def __init__(self, num_heads: int, head_dim: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = head_dim
 
     def out_spec(self, spec: Spec) -> Spec:
         self._check_arity(spec)
@@ -251,11 +253,18 @@ class SplitHeads(Bond):
             return (None,)
         if spec[0] % self.num_heads:
             raise ValueError(f"{spec[0]} features do not split into {self.num_heads} heads")
+        if self.head_dim is not None and spec[0] != self.num_heads * self.head_dim:
+            raise ValueError(
+                f"{spec[0]} features are not {self.num_heads} heads of {self.head_dim}"
+            )
         return (spec[0] // self.num_heads,)
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
-        return x.view(b, t, self.num_heads, c // self.num_heads).transpose(1, 2)
+        d = self.head_dim or c // self.num_heads
+        if c % d:
+            raise ValueError(f"{c} features are not whole heads of {d}")
+        return x.view(b, t, c // d, d).transpose(1, 2)
 
 
 class MergeHeads(Bond):

@@ -158,7 +158,7 @@ def Attention(  # noqa: N802
     if width % num_heads:
         raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     linear = _biased(affine_mass)
-    q, k, v = (SplitHeads(num_heads) @ linear(width, width) for _ in range(3))
+    q, k, v = (SplitHeads(num_heads, width // num_heads) @ linear(width, width) for _ in range(3))
     out = linear(width, width) @ MergeHeads(num_heads)
     return out @ CausalAttention() @ Mul(1 / 3) @ TupleModule(q, k, v)
 

@@ -25,16 +25,19 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel as _Colwise
+from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _Rowwise
 
 from modnorm.atoms import Embedding, Linear
-from modnorm.modules import Atom
+from modnorm.bonds import CausalAttention, MergeHeads, Mul, SplitHeads, _Elementwise
+from modnorm.modules import Atom, Compose, Module, TupleModule
 
-__all__ = ["ColwiseParallel", "RowwiseParallel"]
+__all__ = ["ColwiseParallel", "RowwiseParallel", "megatron_plan"]
 
 
 def _kind(module: nn.Module, style: str) -> str:
-    """ "linear" or "embedding", or a clear error for what the style cannot shard."""
+    """How a style cuts ``module`` (as a Linear or as an Embedding); a clear error for
+    anything else."""
     if isinstance(module, (Linear, nn.Linear)):
         return "linear"
     if isinstance(module, (Embedding, nn.Embedding)):
@@ -81,3 +84,58 @@ class RowwiseParallel(_Rowwise):
             partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
             partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
         )
+
+
+def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
+    """A plan for ``parallelize_module``: Megatron's cuts of the hidden matrices, found in the
+    architecture. An attention's query, key and value Linears (each straight into
+    `SplitHeads` with a ``head_dim``) are cut by rows, so that each rank holds whole heads,
+    and the Linear after its `MergeHeads` by columns; two Linears with only elementwise bonds
+    between them (an MLP) are cut by rows, then columns. Everything else (embeddings, the
+    head, the vector atoms) stays whole: add entries for it, or shard it with FSDP2; so does a
+    Linear with a `Bias` after it (the bias would need the same cut). The number of heads
+    and the hidden widths must divide by the ``tp`` mesh size."""
+    plan: dict[str, ParallelStyle] = {}
+    for name, node in module.named_modules():
+        if not isinstance(node, Compose):
+            continue
+        prefix = f"{name}." if name else ""
+        steps = list(node.named_children())
+        for i, (key, child) in enumerate(steps):
+            if isinstance(child, TupleModule) and i + 4 <= len(steps):
+                heads = [_head_linear(branch) for branch in child.children()]
+                after = [c for _, c in steps[i + 1 : i + 5]]
+                tail = after[1:] if after and isinstance(after[0], Mul) else after
+                if (
+                    heads
+                    and all(h is not None for h in heads)
+                    and len(tail) >= 3
+                    and isinstance(tail[0], CausalAttention)
+                    and isinstance(tail[1], MergeHeads)
+                    and isinstance(tail[2], Linear)
+                ):
+                    for b, h in enumerate(heads):
+                        plan[f"{prefix}{key}.{b}.{h}"] = ColwiseParallel()
+                    out = steps[i + 1 + after.index(tail[2])][0]
+                    plan[f"{prefix}{out}"] = RowwiseParallel()
+            if isinstance(child, Linear) and f"{prefix}{key}" not in plan:
+                j = i + 1
+                while j < len(steps) and isinstance(steps[j][1], _Elementwise):
+                    j += 1
+                if j > i + 1 and j < len(steps) and isinstance(steps[j][1], Linear):
+                    plan[f"{prefix}{key}"] = ColwiseParallel()
+                    plan[f"{prefix}{steps[j][0]}"] = RowwiseParallel()
+    return plan
+
+
+def _head_linear(branch: nn.Module) -> str | None:
+    """The name of the Linear in a ``SplitHeads(h, head_dim) @ Linear`` branch, else None."""
+    steps = list(branch.named_children()) if isinstance(branch, Compose) else []
+    if (
+        len(steps) == 2
+        and isinstance(steps[0][1], Linear)
+        and isinstance(steps[1][1], SplitHeads)
+        and steps[1][1].head_dim is not None
+    ):
+        return steps[0][0]
+    return None
