@@ -20,6 +20,7 @@ maps stay those of the full matrices (:mod:`modnorm.distributed`).
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -49,6 +50,20 @@ def _kind(module: nn.Module, style: str) -> str:
     )
 
 
+def _distribute(
+    style: _Colwise | _Rowwise, module: nn.Module, mesh: DeviceMesh, partition: Any
+) -> nn.Module:
+    """What torch's styles do once they have picked the partition: cut the weights, and
+    lay the inputs and outputs out as the style says."""
+    return distribute_module(
+        module,
+        mesh,
+        partition,
+        partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+        partial(style._prepare_output_fn, style.output_layouts, style.use_local_output),
+    )
+
+
 class ColwiseParallel(_Colwise):
     """PyTorch's ``ColwiseParallel`` (output features sharded: the weight's rows of a
     Linear, an Embedding's columns) for modnorm's atoms too."""
@@ -56,13 +71,7 @@ class ColwiseParallel(_Colwise):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         kind = _kind(module, "ColwiseParallel")
         partition = self._partition_linear_fn if kind == "linear" else self._partition_embedding_fn
-        return distribute_module(
-            module,
-            device_mesh,
-            partition,
-            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-        )
+        return _distribute(self, module, device_mesh, partition)
 
 
 class RowwiseParallel(_Rowwise):
@@ -77,13 +86,7 @@ class RowwiseParallel(_Rowwise):
         else:
             partition = self._partition_embedding_fn
             self.desired_input_layouts = (Replicate(),)  # as torch's: every index everywhere
-        return distribute_module(
-            module,
-            device_mesh,
-            partition,
-            partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-            partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-        )
+        return _distribute(self, module, device_mesh, partition)
 
 
 def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
