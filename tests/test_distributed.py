@@ -618,21 +618,25 @@ def test_sharded_biases_and_gains_train_as_on_one_process(
             assert (w - s).abs().max() > 1e-2  # every atom, biases and gain too, moved
 
 
+def _assert_same_maps(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """`_maps` of sharded tensors against those of the full ones: dual maps to rounding;
+    spectral norms (and so normalize) to Lanczos's tolerance (1e-5), not to rounding: the
+    owning rank batches other matrices together than one process does, and a batch iterates
+    until all its members have converged, so a matrix may stop at another step."""
+    for g, w in zip(got["dualize"], want["dualize"], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
+    for g, w in zip(got["normalize"], want["normalize"], strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+
+
 @pytest.mark.parametrize("layout", ["shard0", "shard1", "replicate"])
 def test_norm_normalize_dualize_of_sharded_tensors_are_those_of_the_full_tensors(
     layout: str, runs: list[dict[str, Any]]
 ) -> None:
     want = _maps(_net(), _grads())
     for run in runs:
-        got = run["fsdp"][layout]
-        for g, w in zip(got["dualize"], want["dualize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
-        # Spectral norms agree to Lanczos's tolerance (1e-5), not to rounding: the owning rank
-        # batches other matrices together than one process does, and a batch iterates until
-        # all its members have converged, so a matrix may stop at another step.
-        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
-        for g, w in zip(got["normalize"], want["normalize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+        _assert_same_maps(run["fsdp"][layout], want)
         # the results keep the input's layout: each rank holds its slice, not the full tensor
         assert all(a and b for a, b in run["fsdp"][f"{layout}_layout"])
 
@@ -640,12 +644,7 @@ def test_norm_normalize_dualize_of_sharded_tensors_are_those_of_the_full_tensors
 def test_hsdp_layout_gives_the_maps_of_the_full_tensors(runs: list[dict[str, Any]]) -> None:
     want = _maps(_net(), _grads())
     for run in runs:
-        got = run["fsdp"]["hsdp"]
-        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
-        for g, w in zip(got["dualize"], want["dualize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
-        for g, w in zip(got["normalize"], want["normalize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+        _assert_same_maps(run["fsdp"]["hsdp"], want)
 
 
 @pytest.mark.parametrize("layout", ["two_dims", "mixed_dims"])
@@ -656,12 +655,7 @@ def test_tensors_cut_over_two_mesh_dimensions_give_the_maps_of_the_full_tensors(
     # different mesh dimensions: resharded to one cut, computed, and laid out as given again.
     want = _maps(_net(), _grads())
     for run in runs:
-        got = run["fsdp"][layout]
-        torch.testing.assert_close(got["norm"], want["norm"], rtol=1e-5, atol=0)
-        for g, w in zip(got["dualize"], want["dualize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
-        for g, w in zip(got["normalize"], want["normalize"], strict=True):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+        _assert_same_maps(run["fsdp"][layout], want)
         assert all(run["fsdp"][f"{layout}_layout"])
 
 
