@@ -283,12 +283,11 @@ class Bias(_VectorAtom):
     def atom_dual(
         self, g: Tensor, method: str = "newton_schulz", precision: str = "full"
     ) -> Tensor:
-        g32 = g.float()
-        return _unit(g32, g32.square().mean().sqrt()).to(g.dtype)
+        return _unit(g.float(), self.atom_norm(g)).to(g.dtype)
 
     @torch.no_grad()
     def project_(self) -> Bias:
-        n = self.weight.float().square().mean().sqrt()
+        n = self.atom_norm(self.weight)
         if n > 0:
             self.weight.div_(n)
         return self
