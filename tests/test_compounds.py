@@ -263,9 +263,9 @@ def test_head_mass_gives_the_head_its_share_of_each_step(name: str) -> None:
 
 
 def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> None:
-    # every Linear gets a Bias, every LayerNorm (two per block and the final one) a Gain and a
-    # Bias; zeros and ones draw nothing, so the matrices and the function at init are the
-    # reference GPT's
+    # every Linear but the keys' gets a Bias, every LayerNorm (two per block and the final one)
+    # a Gain and a Bias; zeros and ones draw nothing, so the matrices and the function at init
+    # are the reference GPT's
     torch.manual_seed(0)
     plain = mn.GPT(11, 8, 16, 2, 3)
     torch.manual_seed(0)
@@ -274,7 +274,7 @@ def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> N
     linears = sum(type(a) is mn.Linear for a in atoms)
     assert linears == 3 * 6 + 1
     assert sum(type(a) is mn.Gain for a in atoms) == 3 * 2 + 1
-    assert sum(type(a) is mn.Bias for a in atoms) == linears + 3 * 2 + 1
+    assert sum(type(a) is mn.Bias for a in atoms) == (linears - 3) + 3 * 2 + 1
     matrices = [p for p in affine.parameters() if p.dim() == 2]
     for p, q in zip(plain.parameters(), matrices, strict=True):
         assert torch.equal(p, q)
@@ -292,3 +292,27 @@ def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> N
     assert type(head) is mn.Linear
     with pytest.raises(ValueError, match="affine_mass"):
         mn.GPT(11, 8, 16, 2, 3, affine_mass=-1.0)
+
+
+def test_a_key_bias_would_get_only_rounding_error_as_gradient() -> None:
+    # Why Attention gives the keys no bias: q·b is added to every score of a query and the
+    # softmax cancels it, so the bias's gradient is zero but for rounding (a normalized step
+    # would blow that up to a full step). Built by hand: the attention with a key bias.
+    torch.manual_seed(0)
+    biases = [mn.Bias(8) for _ in range(3)]
+    for b in biases:
+        torch.nn.init.normal_(b.weight)  # a bias of zero would hide nothing
+    q, k, v = (mn.SplitHeads(2, 4) @ b @ mn.Linear(8, 8) for b in biases)
+    net = mn.CausalAttention() @ mn.TupleModule(q, k, v)
+    net(torch.randn(3, 5, 8)).square().sum().backward()
+    query_bias, key_bias, _ = (b.weight.grad for b in biases)
+    assert key_bias is not None and query_bias is not None
+    assert key_bias.abs().max() < 1e-5 * query_bias.abs().max()
+    # and GPT(affine_mass) has none: its key Linear goes straight into SplitHeads
+    gpt = mn.GPT(11, 8, 16, 2, 1, affine_mass=0.5)
+    (qkv,) = [
+        m for m in gpt.modules() if isinstance(m, mn.TupleModule) and len(list(m.children())) == 3
+    ]
+    branches = [[type(s) for s in branch.children()] for branch in qkv.children()]
+    assert branches[1] == [mn.Linear, mn.SplitHeads]
+    assert branches[0] == branches[2] == [mn.Linear, mn.Bias, mn.SplitHeads]

@@ -153,12 +153,19 @@ def Attention(  # noqa: N802
 ) -> Module:
     """Multi-head causal self-attention with ``1/d_head`` scaling: queries, keys and values
     are a tuple (ν = 3), scaled by 1/3 so the whole has ν = 1. With ``affine_mass`` each
-    Linear gets a `Bias` of that mass."""
+    Linear but the keys' gets a `Bias` of that mass."""
     _positive("num_heads", num_heads)
     if width % num_heads:
         raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
     linear = _biased(affine_mass)
-    q, k, v = (SplitHeads(num_heads, width // num_heads) @ linear(width, width) for _ in range(3))
+    # No key bias: it adds q·b to every score of a query, which the softmax cancels, so its
+    # gradient is rounding error, and a normalized step would scale that up to a full-size
+    # random step each iteration (as in Whisper's attention, the keys have no bias).
+    q, k, v = (
+        SplitHeads(num_heads, width // num_heads)
+        @ (Linear(width, width) if key else linear(width, width))
+        for key in (False, True, False)
+    )
     out = linear(width, width) @ MergeHeads(num_heads)
     return out @ CausalAttention() @ Mul(1 / 3) @ TupleModule(q, k, v)
 
@@ -178,7 +185,8 @@ def GPT(  # noqa: N802
     ``(B, T, vocab_size)``: pre-norm attention and GELU MLP blocks with residual weights
     ``1/(2L)``, learned token and position embeddings (as the reference). ``output_scale``
     and ``head_mass`` as `ResMLP`'s. With ``affine_mass`` every Linear gets a `Bias` and every
-    LayerNorm a `Gain` and a `Bias` (as in ``torch.nn``), each atom of that mass where a
+    LayerNorm a `Gain` and a `Bias` (as in ``torch.nn``; the attention's keys excepted: see
+    `Attention`), each atom of that mass where a
     Linear has 1 (the blocks and the head are then tared as without them); ``None`` (the
     default, as the reference) builds none."""
     _positive("vocab_size", vocab_size)
