@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import itertools
 import json
 import os
 import subprocess
@@ -514,14 +515,15 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
             ]
             result[f"{key}_{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
     for key, fsdp in {"gpt_tp": False, "gpt_fsdp_tp": True}.items():
-        for name in SPLIT:
-            net = _gpt()
+        for name, affine in itertools.product(SPLIT, (None, 0.05)):
+            key_ = key if affine is None else f"{key}_affine"
+            net = _gpt(affine)
             parallelize_module(net, mesh["tp"], megatron_plan(net))
             if fsdp:
                 fully_shard(net, mesh=mesh["dp"])
             _train_gpt(net, OPTIMIZERS[name](net), dp if fsdp else 0, 2 if fsdp else 1)
-            result[f"{key}_{name}"] = _full(net.parameters())
-            result[f"{key}_{name}_tp_cuts"] = sum(map(_cut_over_tp, net.parameters()))
+            result[f"{key_}_{name}"] = _full(net.parameters())
+            result[f"{key_}_{name}_tp_cuts"] = sum(map(_cut_over_tp, net.parameters()))
     torch.manual_seed(3)
     whole = mn.Embedding(10, 6)
     indices = torch.tensor([[1, 9, 3], [0, 0, 7]])
@@ -1077,12 +1079,15 @@ def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> No
         placements = runs[0][f"fsdp_tp_{name}_placements"]
         assert [p[1] for p in placements[:2]] == [Shard(0), Shard(1)]  # cut over both
         assert placements[2] == (Shard(0),)  # FSDP2's alone, on the dp submesh
-    for name in SPLIT:  # the GPT cut by megatron_plan: heads and MLPs split over tp
-        net = _gpt()
+    # the GPT cut by megatron_plan: heads and MLPs split over tp, with the biases of q, v
+    # and the MLP's input cut along (and the others whole) in the affine one
+    for name, (affine, cuts) in itertools.product(SPLIT, ((None, 12), (0.05, 18))):
+        net = _gpt(affine)
         _train_gpt(net, OPTIMIZERS[name](net), 0, 1)
         want = _full(net.parameters())
         for key in ("gpt_tp", "gpt_fsdp_tp"):
-            assert runs[0][f"{key}_{name}_tp_cuts"] == len(megatron_plan(_gpt())) == 12
+            key = key if affine is None else f"{key}_affine"
+            assert runs[0][f"{key}_{name}_tp_cuts"] == len(megatron_plan(_gpt(affine))) == cuts
             for rank, run in enumerate(runs):
                 for i, (g, w) in enumerate(zip(run[f"{key}_{name}"], want, strict=True)):
                     torch.testing.assert_close(

@@ -3,6 +3,8 @@ training runs are in test_distributed.py)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch.distributed as dist
 
@@ -11,12 +13,23 @@ import modnorm as mn
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
 
-@pytest.mark.parametrize("style", ["ColwiseParallel", "RowwiseParallel"])
-@pytest.mark.parametrize("module", [mn.Bias(4), mn.Conv2d(3, 4, 3), mn.GELU()])
+@pytest.mark.parametrize(
+    ("style", "module"),
+    [
+        *(
+            (style, module)
+            for style in ("ColwiseParallel", "RowwiseParallel")
+            for module in (mn.Conv2d(3, 4, 3), mn.GELU())
+        ),
+        ("RowwiseParallel", mn.Bias(4)),  # a vector is cut only with the features before it
+        ("RowwiseParallel", mn.Gain(4)),
+    ],
+)
 def test_a_style_names_what_it_cannot_cut(style: str, module: mn.Module) -> None:
     import modnorm.parallel as parallel
 
-    with pytest.raises(ValueError, match=f"{style} shards a modnorm Linear or Embedding"):
+    what = re.escape(module._name())
+    with pytest.raises(ValueError, match=f"{style} shards a modnorm Linear.*, not {what}"):
         getattr(parallel, style)()._apply(module, None)
 
 
@@ -38,4 +51,17 @@ def test_megatron_plan_cuts_attention_by_heads_and_mlps_by_rows_then_columns() -
         "2": RowwiseParallel,
     }
     assert megatron_plan(mn.ResMLP(12, 5, width=16, num_blocks=2)) == {}  # no pairs to cut
-    assert megatron_plan(mn.GPT(11, 8, 16, 4, 1, affine_mass=0.1)) == {}  # biases: left whole
+    # with biases: those after a row-cut Linear go with it (q and v, the MLP's input), those
+    # after a column-cut one (summed outputs, whole on every rank) and the LayerNorms' stay
+    affine = mn.GPT(11, 8, 16, 4, 1, affine_mass=0.1)
+    modules = dict(affine.named_modules())
+    plan = {name: type(style) for name, style in megatron_plan(affine).items()}
+    assert sorted(type(modules[n]).__name__ for n in plan) == sorted(["Linear"] * 6 + ["Bias"] * 3)
+    rowwise = [modules[n].in_features for n, s in plan.items() if s is RowwiseParallel]
+    assert sorted(rowwise) == [16, 64]  # the attention's output, the MLP's output
+    names = list(plan)
+    for i, n in enumerate(names):  # each cut Bias right after a Linear cut by rows
+        if type(modules[n]) is mn.Bias:
+            before = names[i - 1]
+            assert type(modules[before]) is mn.Linear and plan[before] is ColwiseParallel
+            assert modules[before].out_features == modules[n].out_features

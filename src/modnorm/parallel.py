@@ -1,5 +1,6 @@
 """Tensor parallelism for modnorm's atoms: ``torch.distributed.tensor.parallel``'s styles,
-taught to shard :class:`modnorm.Linear` and :class:`modnorm.Embedding`.
+taught to shard :class:`modnorm.Linear` and :class:`modnorm.Embedding` (and, with the
+features of a Linear cut by rows, :class:`modnorm.Bias` and :class:`modnorm.Gain`).
 
 PyTorch's ``ColwiseParallel`` and ``RowwiseParallel`` accept only ``nn.Linear`` and
 ``nn.Embedding``; modnorm's atoms keep their weights in the same layout (``(out, in)`` and
@@ -24,12 +25,12 @@ from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module
+from torch.distributed.tensor import Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel as _Colwise
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.parallel import RowwiseParallel as _Rowwise
 
-from modnorm.atoms import Embedding, Linear
+from modnorm.atoms import Bias, Embedding, Gain, Linear
 from modnorm.bonds import CausalAttention, MergeHeads, Mul, SplitHeads, _Elementwise
 from modnorm.modules import Atom, Compose, Module, TupleModule
 
@@ -37,41 +38,74 @@ __all__ = ["ColwiseParallel", "RowwiseParallel", "megatron_plan"]
 
 
 def _kind(module: nn.Module, style: str) -> str:
-    """How a style cuts ``module`` (as a Linear or as an Embedding); a clear error for
-    anything else."""
+    """How a style cuts ``module`` (as a Linear, an Embedding or, by columns only, a vector
+    atom); a clear error for anything else."""
     if isinstance(module, (Linear, nn.Linear)):
         return "linear"
     if isinstance(module, (Embedding, nn.Embedding)):
         return "embedding"
+    vector = isinstance(module, (Bias, Gain))
+    if vector and style == "ColwiseParallel":
+        return "vector"
     what = module._name() if isinstance(module, Atom) else type(module).__name__
-    raise ValueError(
-        f"{style} shards a modnorm Linear or Embedding (or torch's), not {what}: "
-        "leave it out of the plan (it stays replicated) or shard it with fully_shard"
+    cuts = (
+        "Linear, Embedding, Bias or Gain" if style == "ColwiseParallel" else "Linear or Embedding"
     )
+    hint = (
+        "cut it with ColwiseParallel, as the Linear before it"
+        if vector
+        else "leave it out of the plan (it stays replicated) or shard it with fully_shard"
+    )
+    raise ValueError(f"{style} shards a modnorm {cuts} (or torch's), not {what}: {hint}")
 
 
 def _distribute(
-    style: _Colwise | _Rowwise, module: nn.Module, mesh: DeviceMesh, partition: Any
+    style: _Colwise | _Rowwise,
+    module: nn.Module,
+    mesh: DeviceMesh,
+    partition: Any,
+    inputs: tuple[tuple[Placement, ...], tuple[Placement, ...]] | None = None,
 ) -> nn.Module:
     """What torch's styles do once they have picked the partition: cut the weights, and
-    lay the inputs and outputs out as the style says."""
+    lay the inputs (given, desired: the style's unless ``inputs``) and outputs out as the
+    style says."""
+    given, desired = inputs or (style.input_layouts, style.desired_input_layouts)
     return distribute_module(
         module,
         mesh,
         partition,
-        partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+        partial(style._prepare_input_fn, given, desired),
         partial(style._prepare_output_fn, style.output_layouts, style.use_local_output),
     )
 
 
 class ColwiseParallel(_Colwise):
     """PyTorch's ``ColwiseParallel`` (output features sharded: the weight's rows of a
-    Linear, an Embedding's columns) for modnorm's atoms too."""
+    Linear, an Embedding's columns) for modnorm's atoms too. On a `Bias` or `Gain` it
+    continues the cut of the Linear before it: the vector is cut as the features are, and
+    its input is by default that Linear's slice of them (``input_layouts=Shard(-1)``)."""
+
+    def __init__(
+        self,
+        *,
+        input_layouts: Placement | None = None,
+        output_layouts: Placement | None = None,
+        use_local_output: bool = True,
+    ) -> None:
+        super().__init__(
+            input_layouts=input_layouts,
+            output_layouts=output_layouts,
+            use_local_output=use_local_output,
+        )
+        self._vector_input = (input_layouts or Shard(-1),)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         kind = _kind(module, "ColwiseParallel")
-        partition = self._partition_linear_fn if kind == "linear" else self._partition_embedding_fn
-        return _distribute(self, module, device_mesh, partition)
+        if kind == "embedding":
+            return _distribute(self, module, device_mesh, self._partition_embedding_fn)
+        # a vector's (d,) weight is cut by Shard(0), as a Linear's bias is
+        inputs = (self._vector_input, (Shard(-1),)) if kind == "vector" else None
+        return _distribute(self, module, device_mesh, self._partition_linear_fn, inputs)
 
 
 class RowwiseParallel(_Rowwise):
@@ -91,13 +125,13 @@ class RowwiseParallel(_Rowwise):
 
 def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
     """A plan for ``parallelize_module``: Megatron's cuts of the hidden matrices, found in the
-    architecture. An attention's query, key and value Linears (each straight into
-    `SplitHeads` with a ``head_dim``) are cut by rows, so that each rank holds whole heads,
-    and the Linear after its `MergeHeads` by columns; two Linears with only elementwise bonds
-    between them (an MLP) are cut by rows, then columns. Everything else (embeddings, the
-    head, the vector atoms) stays whole: add entries for it, or shard it with FSDP2; so does a
-    Linear with a `Bias` after it (the bias would need the same cut). The number of heads
-    and the hidden widths must divide by the ``tp`` mesh size."""
+    architecture. An attention's query, key and value Linears (each into `SplitHeads` with a
+    ``head_dim``) are cut by rows, so that each rank holds whole heads, and the Linear after
+    its `MergeHeads` by columns; two Linears with only elementwise bonds between them (an
+    MLP) are cut by rows, then columns. A `Bias` or `Gain` between a row-cut Linear and what
+    follows it is cut with the features. Everything else (embeddings, the head, the other
+    vector atoms) stays whole: add entries for it, or shard it with FSDP2. The number of
+    heads and the hidden widths must divide by the ``tp`` mesh size."""
     plan: dict[str, ParallelStyle] = {}
     for name, node in module.named_modules():
         if not isinstance(node, Compose):
@@ -117,28 +151,34 @@ def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
                     and isinstance(tail[1], MergeHeads)
                     and isinstance(tail[2], Linear)
                 ):
-                    for b, h in enumerate(heads):
-                        plan[f"{prefix}{key}.{b}.{h}"] = ColwiseParallel()
+                    for b, names in enumerate(heads):
+                        for n in names or ():
+                            plan[f"{prefix}{key}.{b}.{n}"] = ColwiseParallel()
                     out = steps[i + 1 + after.index(tail[2])][0]
                     plan[f"{prefix}{out}"] = RowwiseParallel()
             if isinstance(child, Linear) and f"{prefix}{key}" not in plan:
                 j = i + 1
-                while j < len(steps) and isinstance(steps[j][1], _Elementwise):
+                while j < len(steps) and isinstance(steps[j][1], (_Elementwise, Bias, Gain)):
                     j += 1
                 if j > i + 1 and j < len(steps) and isinstance(steps[j][1], Linear):
                     plan[f"{prefix}{key}"] = ColwiseParallel()
+                    for between, step in steps[i + 1 : j]:
+                        if isinstance(step, (Bias, Gain)):
+                            plan[f"{prefix}{between}"] = ColwiseParallel()
                     plan[f"{prefix}{steps[j][0]}"] = RowwiseParallel()
     return plan
 
 
-def _head_linear(branch: nn.Module) -> str | None:
-    """The name of the Linear in a ``SplitHeads(h, head_dim) @ Linear`` branch, else None."""
+def _head_linear(branch: nn.Module) -> list[str] | None:
+    """The names of the Linear and of the vector atoms after it in a ``SplitHeads(h,
+    head_dim) ∘ [Bias | Gain …] ∘ Linear`` branch, else None."""
     steps = list(branch.named_children()) if isinstance(branch, Compose) else []
     if (
-        len(steps) == 2
+        len(steps) >= 2
         and isinstance(steps[0][1], Linear)
-        and isinstance(steps[1][1], SplitHeads)
-        and steps[1][1].head_dim is not None
+        and all(isinstance(step, (Bias, Gain)) for _, step in steps[1:-1])
+        and isinstance(steps[-1][1], SplitHeads)
+        and steps[-1][1].head_dim is not None
     ):
-        return steps[0][0]
+        return [name for name, _ in steps[:-1]]
     return None
