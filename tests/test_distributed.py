@@ -4,6 +4,7 @@ process that sees the combined batch (float64, so agreement to 1e-6 is a real ch
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import itertools
 import json
@@ -105,15 +106,22 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(
-    model: Any, opt: torch.optim.Optimizer, rank: int, world: int, steps: range = range(STEPS)
+    model: Any,
+    opt: torch.optim.Optimizer,
+    rank: int,
+    world: int,
+    steps: range = range(STEPS),
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> None:
     """``steps`` steps; this rank sees its slice of each batch (the mean loss over its slice:
-    DDP and FSDP2 average the gradients, so together that is the mean over the batch)."""
+    DDP and FSDP2 average the gradients, so together that is the mean over the batch). The
+    loss and its backward pass run in ``context()`` (``loss_parallel`` for cut logits)."""
     for step in steps:
         x, y = _batch(step)
-        loss = F.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
-        opt.zero_grad()
-        loss.backward()
+        with context():
+            loss = F.cross_entropy(model(x.chunk(world)[rank]), y.chunk(world)[rank])
+            opt.zero_grad()
+            loss.backward()
         opt.step()
 
 
@@ -478,8 +486,14 @@ def _cut_over_tp(t: Any) -> bool:
     return "tp" in names and t.placements[names.index("tp")].is_shard()
 
 
-# the tensor-parallel runs: a plan, and whether FSDP2 shards over the other mesh dimension
-TP_RUNS = {"tp": ("mlp", False), "fsdp_tp": ("mlp", True), "fsdp_tp_all": ("all", True)}
+# the tensor-parallel runs: a plan, and whether FSDP2 shards over the other mesh dimension;
+# "loss" cuts the head too and leaves its logits cut for loss_parallel
+TP_RUNS = {
+    "tp": ("mlp", False),
+    "fsdp_tp": ("mlp", True),
+    "fsdp_tp_all": ("all", True),
+    "fsdp_tp_loss": ("loss", True),
+}
 
 
 def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -488,7 +502,7 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
     from modnorm.parallel import ColwiseParallel, RowwiseParallel, megatron_plan
 
@@ -504,11 +518,14 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
             styles: dict[str, Any] = {"0": ColwiseParallel(), "2": RowwiseParallel()}
             if plan == "all":
                 styles["4"] = ColwiseParallel(output_layouts=Replicate())
+            if plan == "loss":
+                styles["4"] = ColwiseParallel(use_local_output=False)
             parallelize_module(net, mesh["tp"], styles)
             if fsdp:
                 fully_shard(net, mesh=mesh["dp"])
             opt = OPTIMIZERS[name](net)
-            _train(net, opt, dp if fsdp else 0, 2 if fsdp else 1)
+            context = loss_parallel if plan == "loss" else contextlib.nullcontext
+            _train(net, opt, dp if fsdp else 0, 2 if fsdp else 1, context=context)
             result[f"{key}_{name}"] = _full(net.parameters())
             result[f"{key}_{name}_placements"] = [
                 tuple(getattr(p, "placements", ())) for p in net.parameters()
@@ -1079,6 +1096,8 @@ def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> No
         placements = runs[0][f"fsdp_tp_{name}_placements"]
         assert [p[1] for p in placements[:2]] == [Shard(0), Shard(1)]  # cut over both
         assert placements[2] == (Shard(0),)  # FSDP2's alone, on the dp submesh
+        # loss parallel: the head's rows (the classes) cut over tp, the logits left cut
+        assert runs[0][f"fsdp_tp_loss_{name}_placements"][2][1] == Shard(0)
     # the GPT cut by megatron_plan: heads and MLPs split over tp, with the biases of q, v
     # and the MLP's input cut along (and the others whole) in the affine one
     for name, (affine, cuts) in itertools.product(SPLIT, ((None, 12), (0.05, 18))):
