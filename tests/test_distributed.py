@@ -431,8 +431,12 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     _join(rank, init_file, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     result: dict[str, Any] = {}
-    # the atoms this rank computes a norm or dual map of (not counting split atoms)
+    import modnorm.distributed as distributed
+
+    # the atoms this rank computes a norm or dual map of alone, and the split atoms it takes
+    # part in computing
     computed: list[int] = []
+    together: list[int] = []
     for fn in ("_atom_norms", "_atom_duals"):
         original = getattr(modules, fn)
 
@@ -441,6 +445,17 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
             return original(items, *args)
 
         setattr(modules, fn, counting)
+    split_norms, split_dual = distributed._split_norms, distributed._split_dual
+
+    def counting_norms(module: Any, tensors: Any, split: Any, group: Any) -> Any:
+        together.append(len(split))
+        return split_norms(module, tensors, split, group)
+
+    def counting_dual(*args: Any) -> Any:
+        together.append(1)
+        return split_dual(*args)
+
+    distributed._split_norms, distributed._split_dual = counting_norms, counting_dual
     for kind, make_net in {"resmlp": _net, "tall": _tall_net, "wide": _wide_net}.items():
         for name in SPLIT:
             net = make_net()
@@ -449,8 +464,11 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
             fully_shard(net, mesh=mesh)
             opt = OPTIMIZERS[name](net)
             computed.clear()
+            together.clear()
             _train(net, opt, rank, 4)
             result[f"{kind}_{name}_computed"] = sum(computed)
+            result[f"{kind}_{name}_together"] = sum(together)
+            result[f"{kind}_{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
             result[f"{kind}_{name}"] = _full(net.parameters())
             result[f"{kind}_{name}_placements"] = [p.placements for p in net.parameters()]
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -1044,8 +1062,8 @@ def test_a_matrix_larger_than_an_even_share_is_computed_by_every_rank(
 
 def test_hsdp_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
     # The replicas (2 ranks each) split the atoms between them, each atom computed on one
-    # rank of the four (split atoms: by the two ranks of every replica); they agree with one
-    # process on the combined batch.
+    # rank of the four (split atoms: by the two ranks of one replica); they agree with one
+    # process on the combined batch, and their state dicts hold the same warm starts.
     from torch.distributed.tensor import Replicate, Shard  # also: loading DTensors needs it
 
     runs = _spawn(_hsdp_worker, tmp_path, timeout=180.0, nprocs=4)
@@ -1058,6 +1076,12 @@ def test_hsdp_on_four_ranks_matches_one_process(tmp_path: Path) -> None:
             # every step computes each other atom once in the world (a norm or a dual map)
             computed = [run[f"{kind}_{name}_computed"] for run in runs]
             assert sum(computed) == STEPS * (live - split), computed
+            together = [run[f"{kind}_{name}_together"] for run in runs]
+            assert sum(together) == STEPS * split * 2, together  # one replica's two ranks
+            first = runs[0][f"{kind}_{name}_warm_start"]
+            for run in runs[1:]:
+                for a, b in zip(run[f"{kind}_{name}_warm_start"], first, strict=True):
+                    torch.testing.assert_close(a["_v"], b["_v"], rtol=0, atol=0)
             _train(net, OPTIMIZERS[name](net), 0, 1)
             want = _full(net.parameters())
             for rank, run in enumerate(runs):

@@ -281,21 +281,33 @@ def global_sums(tensors: Sequence[Tensor]) -> Tensor:
     return sums
 
 
-def _owners(module: Module, world: int, split: frozenset[int] = frozenset()) -> dict[int, int]:
+def _owners(
+    module: Module, world: int, split: frozenset[int] = frozenset(), size: int | None = None
+) -> dict[int, int]:
     """Atom index → the worker (of ``world``) that computes its norm and dual map, for the
-    atoms of positive share (mass-0 atoms never move, so nothing is computed for them) that
-    are not ``split`` (computed by every rank together). Balanced by cost: largest first,
-    each to the least loaded worker (ties: the lower), so that a GPT's ``4d × d`` MLP
-    matrices and its ``vocab × d`` head do not pile up on one rank. The same on every rank:
-    it depends only on the shapes. Under HSDP worker ``w`` is rank ``w % S`` of replica
-    ``w // S`` (``S`` ranks a replica), so the replicas share the work too."""
+    atoms of positive share (mass-0 atoms never move, so nothing is computed for them).
+    Balanced by cost: largest first, each to the least loaded worker (ties: the lower), so
+    that a GPT's ``4d × d`` MLP matrices and its ``vocab × d`` head do not pile up on one
+    rank. The same on every rank: it depends only on the shapes. Under HSDP worker ``w`` is
+    rank ``w % S`` of replica ``w // S`` (``S = size`` ranks a replica), so the replicas share
+    the work too. A ``split`` atom is computed by all ``S`` ranks of one replica together:
+    placed first, it maps to that replica's first worker and loads each of its ranks by a
+    1/S of its cost."""
     shares = module.atom_shares()
-    live = [i for i, (_, share) in enumerate(shares) if share > 0 and i not in split]
-    load = [0] * world
+    live = [i for i, (_, share) in enumerate(shares) if share > 0]
+    size = size or world
+    load = [0.0] * world
     owners: dict[int, int] = {}
-    for i in sorted(live, key=lambda i: -_cost(shares[i][0])):  # stable: ties keep tree order
-        owners[i] = min(range(world), key=load.__getitem__)
-        load[owners[i]] += _cost(shares[i][0])
+    for i in sorted(live, key=lambda i: (i not in split, -_cost(shares[i][0]))):  # stable
+        cost = _cost(shares[i][0])
+        if i in split:
+            first = min(range(0, world, size), key=lambda w: sum(load[w : w + size]))
+            owners[i] = first
+            for w in range(first, first + size):
+                load[w] += cost / size
+        else:
+            owners[i] = min(range(world), key=load.__getitem__)
+            load[owners[i]] += cost
     return dict(sorted(owners.items()))
 
 
@@ -419,16 +431,18 @@ class _Work:
     """Who computes what: the shard ``group`` (one replica's ranks) and, under HSDP, the
     ``replicas`` group; ``owners`` maps an atom to the rank of ``group`` that computes it in
     replica ``replica_of[i]``; ``mine`` holds the full tensors this rank computes; ``split``
-    are the atoms every rank of a replica computes together."""
+    are the atoms that every rank of replica ``replica_of[i]`` computes together, and
+    ``split_here`` those of this rank's replica."""
 
     def __init__(self, module: Module, tensors: Sequence[Tensor], splittable: bool) -> None:
         g = _Groups(tensors)
         _check_parts(module, tensors)
         self.group, self.replicas, self.replica = g.shards, g.replicas, g.replica
-        self.split = sorted(_split_atoms(module, tensors, g.size) if splittable else ())
-        workers = _owners(module, g.workers, frozenset(self.split))
-        self.owners = {i: w % g.size for i, w in workers.items()}
+        split = _split_atoms(module, tensors, g.size) if splittable else frozenset()
+        workers = _owners(module, g.workers, split, g.size)
         self.replica_of = {i: w // g.size for i, w in workers.items()}
+        self.owners = {i: w % g.size for i, w in workers.items() if i not in split}
+        self.split_here = [i for i in sorted(split) if self.replica_of[i] == self.replica]
         # only the owner's replica gathers: the other replicas hold the same slices
         full = {i: _gather_to(tensors[i], r, g.shards) for i, r in self.here().items()}
         self.mine = {i: cast(Tensor, t) for i, t in full.items() if workers[i] == g.worker}
@@ -439,12 +453,12 @@ class _Work:
 
     def share(self, out: list[Tensor]) -> None:
         """Under HSDP, give every replica the slices of ``out`` (already laid out in the
-        replica that computed them): one broadcast per computing replica and dtype, from
-        each rank to its counterparts, which hold the same slices."""
+        replica that computed them, split atoms too): one broadcast per computing replica and
+        dtype, from each rank to its counterparts, which hold the same slices."""
         if self.replicas is None:
             return
         by_source: dict[tuple[int, torch.dtype], list[int]] = {}
-        for i in self.owners:
+        for i in self.replica_of:
             by_source.setdefault((self.replica_of[i], out[i].dtype), []).append(i)
         for (source, _), atoms in sorted(by_source.items(), key=lambda kv: kv[0][0]):
             flat = torch.cat([_local(out[i]).reshape(-1) for i in atoms])
@@ -463,18 +477,18 @@ def _norms(module: Module, tensors: Sequence[Tensor]) -> Tensor:
 
     tensors = _canonical(tensors)
     work = _Work(module, tensors, splittable=True)
-    shares, mine, split = module.atom_shares(), work.mine, work.split
+    shares, mine = module.atom_shares(), work.mine
     norms = _atom_norms([(shares[i][0], shares[i][1], t) for i, t in mine.items()])
     device = _local(tensors[0]).device
     out = torch.zeros(len(tensors), dtype=torch.float32, device=device)
     if mine:
         out[list(mine)] = torch.stack([n.float().to(device) for n in norms])
     dist.all_reduce(out, group=work.group)  # each entry is non-zero on one rank only
-    if work.replicas is not None:
+    if work.split_here:  # computed alike on every rank of this replica
+        together = _split_norms(module, tensors, work.split_here, work.group)
+        out[work.split_here] = torch.stack([n.float().to(device) for n in together])
+    if work.replicas is not None:  # each entry non-zero in one replica only
         dist.all_reduce(out, group=work.replicas)
-    if split:  # computed alike on every rank
-        together = _split_norms(module, tensors, split, work.group)
-        out[split] = torch.stack([n.float().to(device) for n in together])
     return out
 
 
@@ -546,9 +560,9 @@ def dualize(
     out = [torch.zeros_like(t) for t in tensors]
     for i, r in work.here().items():
         out[i] = _scatter_from(dual.get(i), tensors[i], r, group)
-    work.share(out)
-    for i in work.split:
+    for i in work.split_here:
         out[i] = _split_dual(shares[i][0], tensors[i], target * shares[i][1], group, precision)
+    work.share(out)
     return _restore(out, like)
 
 
@@ -589,8 +603,8 @@ def share_warm_starts(module: Module) -> None:
     split = _split_atoms(module, params, groups.size)
     mine = {
         i: {name: b.detach().cpu() for name, b in _warm_start_buffers(atoms[i])}
-        for i, w in _owners(module, groups.workers, split).items()
-        if w == groups.worker  # a split atom's warm starts are the same on every rank already
+        for i, w in _owners(module, groups.workers, split, groups.size).items()
+        if w == groups.worker  # a split atom's: the first rank of the replica computing it
     }
     for g in (groups.shards, groups.replicas):  # within the replica, then across replicas
         if g is None:
