@@ -525,7 +525,10 @@ def _newton_schulz(
         g = y @ y.mT
         return g if reduce is None else reduce(g.to(dtype)).to(y.dtype)  # summed in full
 
-    x = (x / scale).to(low)
+    # contiguous: a transposed view (a tall matrix, or a split one's columns) would keep its
+    # strides through every step's elementwise ops, and the matmuls would run on them (the
+    # rank owning a GPT's tall MLP matrices was the slower one: benchmarks/dual_split.py)
+    x = (x.contiguous() / scale).to(low)
     a, b, c = _QUINTIC
     for _ in range(steps):
         g = gram(x)
