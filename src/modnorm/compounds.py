@@ -186,9 +186,8 @@ def GPT(  # noqa: N802
     ``1/(2L)``, learned token and position embeddings (as the reference). ``output_scale``
     and ``head_mass`` as `ResMLP`'s. With ``affine_mass`` every Linear gets a `Bias` and every
     LayerNorm a `Gain` and a `Bias` (as in ``torch.nn``; the attention's keys excepted: see
-    `Attention`), each atom of that mass where a
-    Linear has 1 (the blocks and the head are then tared as without them); ``None`` (the
-    default, as the reference) builds none."""
+    `Attention`), each atom of that mass where a Linear has 1 (the blocks and the head are
+    then tared as without them); ``None`` (the default, as the reference) builds none."""
     _positive("vocab_size", vocab_size)
     _positive("context", context)
     _positive("num_blocks", num_blocks)
