@@ -426,13 +426,12 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    import modnorm.distributed as distributed
     import modnorm.modules as modules
 
     _join(rank, init_file, 4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     result: dict[str, Any] = {}
-    import modnorm.distributed as distributed
-
     # the atoms this rank computes a norm or dual map of alone, and the split atoms it takes
     # part in computing
     computed: list[int] = []
