@@ -503,6 +503,8 @@ def _cut_over_tp(t: Any) -> bool:
     return "tp" in names and t.placements[names.index("tp")].is_shard()
 
 
+# the GPT's tensor-parallel runs: a key's suffix, affine_mass, sequence parallelism
+GPT_TP_RUNS = (("", None, False), ("_affine", 0.05, False), ("_sp", None, True))
 # the tensor-parallel runs: a plan, and whether FSDP2 shards over the other mesh dimension;
 # "loss" cuts the head too and leaves its logits cut for loss_parallel
 TP_RUNS = {
@@ -549,15 +551,20 @@ def _tp_worker(rank: int, init_file: str, out_dir: str) -> None:
             ]
             result[f"{key}_{name}_warm_start"] = opt.state_dict()["modnorm"]["warm_start"]
     for key, fsdp in {"gpt_tp": False, "gpt_fsdp_tp": True}.items():
-        for name, affine in itertools.product(SPLIT, (None, 0.05)):
-            key_ = key if affine is None else f"{key}_affine"
+        for name, (suffix, affine, sp) in itertools.product(SPLIT, GPT_TP_RUNS):
+            key_ = f"{key}{suffix}"
             net = _gpt(affine)
-            parallelize_module(net, mesh["tp"], megatron_plan(net))
+            parallelize_module(net, mesh["tp"], megatron_plan(net, sequence_parallel=sp))
             if fsdp:
                 fully_shard(net, mesh=mesh["dp"])
+            positions: list[int] = []  # how many the first block's branches see on this rank
+            net.get_submodule("2.1").register_forward_pre_hook(
+                lambda _, args, seen=positions: seen.append(args[0].shape[1])
+            )
             _train_gpt(net, OPTIMIZERS[name](net), dp if fsdp else 0, 2 if fsdp else 1)
             result[f"{key_}_{name}"] = _full(net.parameters())
             result[f"{key_}_{name}_tp_cuts"] = sum(map(_cut_over_tp, net.parameters()))
+            result[f"{key_}_{name}_positions"] = set(positions)
     torch.manual_seed(3)
     whole = mn.Embedding(10, 6)
     indices = torch.tensor([[1, 9, 3], [0, 0, 7]])
@@ -1122,14 +1129,19 @@ def test_tensor_parallel_on_four_ranks_matches_one_process(tmp_path: Path) -> No
         # loss parallel: the head's rows (the classes) cut over tp, the logits left cut
         assert runs[0][f"fsdp_tp_loss_{name}_placements"][2][1] == Shard(0)
     # the GPT cut by megatron_plan: heads and MLPs split over tp, with the biases of q, v
-    # and the MLP's input cut along (and the others whole) in the affine one
-    for name, (affine, cuts) in itertools.product(SPLIT, ((None, 12), (0.05, 18))):
+    # and the MLP's input cut along (and the others whole) in the affine one, and with the
+    # residual stream cut along the positions too under sequence parallelism
+    cuts = {"": 12, "_affine": 18, "_sp": 12}
+    for name, (suffix, affine, _) in itertools.product(SPLIT, GPT_TP_RUNS):
         net = _gpt(affine)
         _train_gpt(net, OPTIMIZERS[name](net), 0, 1)
         want = _full(net.parameters())
         for key in ("gpt_tp", "gpt_fsdp_tp"):
-            key = key if affine is None else f"{key}_affine"
-            assert runs[0][f"{key}_{name}_tp_cuts"] == len(megatron_plan(_gpt(affine))) == cuts
+            key = f"{key}{suffix}"
+            assert runs[0][f"{key}_{name}_tp_cuts"] == cuts[suffix]
+            # the 8 positions of a sequence, or each tp rank's 4 under sequence parallelism
+            assert runs[0][f"{key}_{name}_positions"] == {4 if suffix == "_sp" else 8}
+            assert len(megatron_plan(_gpt(affine))) == cuts[suffix]
             for rank, run in enumerate(runs):
                 for i, (g, w) in enumerate(zip(run[f"{key}_{name}"], want, strict=True)):
                     torch.testing.assert_close(

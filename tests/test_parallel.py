@@ -65,3 +65,35 @@ def test_megatron_plan_cuts_attention_by_heads_and_mlps_by_rows_then_columns() -
             before = names[i - 1]
             assert type(modules[before]) is mn.Linear and plan[before] is ColwiseParallel
             assert modules[before].out_features == modules[n].out_features
+
+
+def test_sequence_parallel_cuts_the_stream_between_the_blocks_along_the_positions() -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput
+
+    from modnorm.parallel import ColwiseParallel, RowwiseParallel, megatron_plan
+
+    net = mn.GPT(11, 8, 16, 4, 2)
+    plain, plan = megatron_plan(net), megatron_plan(net, sequence_parallel=True)
+    # the same cuts; the cut Linears read the stream cut by positions and write back into it
+    cuts = {n: s for n, s in plan.items() if isinstance(s, (ColwiseParallel, RowwiseParallel))}
+    assert set(cuts) == set(plain)
+    for style in cuts.values():
+        if isinstance(style, ColwiseParallel):
+            assert style.input_layouts == (Shard(1),)
+        else:
+            assert style.output_layouts == (Shard(1),)
+    # sliced where it enters the first block (a residual tuple), gathered after the last
+    # one's merge, the Add before the final LayerNorm
+    top = [n for n, _ in net.named_children()]
+    enter, leave = (n for n in plan if n not in cuts)
+    assert isinstance(plan[enter], PrepareModuleInput) and enter == top[2]
+    assert plan[enter].desired_input_layouts == (Shard(1),)
+    assert isinstance(plan[leave], PrepareModuleOutput) and leave == top[2 + 4 * 2 - 1]
+    assert plan[leave].desired_output_layouts == (Replicate(),)
+    # an atom in the blocks that is not cut would train on one rank's positions: refused
+    with pytest.raises(ValueError, match=r"Gain.*not cut with the features"):
+        megatron_plan(mn.GPT(11, 8, 16, 4, 1, affine_mass=0.1), sequence_parallel=True)
+    mlp = mn.Linear(32, 5) @ mn.GELU() @ mn.Linear(16, 32)
+    with pytest.raises(ValueError, match="inside blocks"):
+        megatron_plan(mlp, sequence_parallel=True)

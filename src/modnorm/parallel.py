@@ -27,7 +27,11 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel as _Colwise
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.parallel import (
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+)
 from torch.distributed.tensor.parallel import RowwiseParallel as _Rowwise
 
 from modnorm.atoms import Bias, Embedding, Gain, Linear
@@ -123,7 +127,7 @@ class RowwiseParallel(_Rowwise):
         return _distribute(self, module, device_mesh, partition)
 
 
-def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
+def megatron_plan(module: Module, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """A plan for ``parallelize_module``: Megatron's cuts of the hidden matrices, found in the
     architecture. An attention's query, key and value Linears (each into `SplitHeads` with a
     ``head_dim``) are cut by rows, so that each rank holds whole heads, and the Linear after
@@ -131,7 +135,14 @@ def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
     MLP) are cut by rows, then columns. A `Bias` or `Gain` between a row-cut Linear and what
     follows it is cut with the features. Everything else (embeddings, the head, the other
     vector atoms) stays whole: add entries for it, or shard it with FSDP2. The number of
-    heads and the hidden widths must divide by the ``tp`` mesh size."""
+    heads and the hidden widths must divide by the ``tp`` mesh size.
+
+    With ``sequence_parallel`` the residual stream between the cut blocks is cut along the
+    positions (dimension 1) as well, as in Megatron's sequence parallelism: the cut Linears
+    all-gather it and reduce-scatter back into it; it is sliced where it enters the first cut
+    block and gathered where it leaves the last one.
+    Every atom between them must be cut (a `LayerNorm`'s `Gain`, or a `Bias` after a summed
+    output, would see one rank's positions only): otherwise a `ValueError` names it."""
     plan: dict[str, ParallelStyle] = {}
     for name, node in module.named_modules():
         if not isinstance(node, Compose):
@@ -166,7 +177,50 @@ def megatron_plan(module: Module) -> dict[str, ParallelStyle]:
                         if isinstance(step, (Bias, Gain)):
                             plan[f"{prefix}{between}"] = ColwiseParallel()
                     plan[f"{prefix}{steps[j][0]}"] = RowwiseParallel()
-    return plan
+    return _sequence_parallel(module, plan) if sequence_parallel else plan
+
+
+def _sequence_parallel(module: Module, plan: dict[str, ParallelStyle]) -> dict[str, ParallelStyle]:
+    """``plan`` with the residual stream between its first and last cut top-level modules cut
+    along the positions (see `megatron_plan`)."""
+    top = list(module.named_children()) if isinstance(module, Compose) else []
+    cut = [i for i, (key, _) in enumerate(top) if any(n.split(".")[0] == key for n in plan)]
+    if not cut:
+        raise ValueError(f"sequence parallelism: megatron_plan cuts nothing in {module._name()}")
+    first, last = cut[0], cut[-1]
+    end = last + 1 if isinstance(top[last][1], TupleModule) else last
+    if end == len(top) or top[first][0] in plan or top[end][0] in plan:
+        raise ValueError(
+            "sequence parallelism needs the cut Linears inside blocks (residual tuples, as in "
+            f"GPT), with a module after the last one to merge its outputs; {module._name()} "
+            "has its cuts at the top level or nothing after them"
+        )
+    for key, child in top[first : last + 1]:
+        for name, atom in child.named_modules():
+            full = f"{key}.{name}" if name else key
+            if isinstance(atom, Atom) and full not in plan:
+                raise ValueError(
+                    f"sequence parallelism: {atom._name()} at {full!r} is not cut with the "
+                    "features, so its gradient would come from one rank's positions only "
+                    "(leave it out of the network, or use sequence_parallel=False)"
+                )
+    out: dict[str, ParallelStyle] = {}
+    for name, style in plan.items():
+        if isinstance(style, RowwiseParallel):  # reduce-scattered back into the stream
+            out[name] = RowwiseParallel(output_layouts=Shard(1))
+        elif isinstance(module.get_submodule(name), Linear):  # reads the stream: all-gathered
+            out[name] = ColwiseParallel(input_layouts=Shard(1))
+        else:
+            out[name] = style
+    # the stream is sliced where it enters the first cut block, and gathered where it leaves
+    # the last one: at its output, or at the merge after it (a residual tuple's `Add`)
+    out[top[first][0]] = PrepareModuleInput(
+        input_layouts=Replicate(), desired_input_layouts=Shard(1), use_local_output=True
+    )
+    out[top[end][0]] = PrepareModuleOutput(
+        output_layouts=Shard(1), desired_output_layouts=Replicate()
+    )
+    return out
 
 
 def _head_linear(branch: nn.Module) -> list[str] | None:
