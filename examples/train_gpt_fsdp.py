@@ -5,6 +5,7 @@ torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --stop-after 50 --checkpo
 torchrun --nproc-per-node 2 examples/train_gpt_fsdp.py --checkpoint ck   # steps 51 to 200
 torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --replicas 2      # HSDP: 2 × 2 ranks
 torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --tp 2            # FSDP2 × tensor parallel
+torchrun --nproc-per-node 4 examples/train_gpt_fsdp.py --tp 2 --sequence-parallel
 
 ``fully_shard`` turns every parameter into a DTensor of which each rank holds a slice. The
 modular norm of an atom is global, so each atom's norm and dual map (Newton–Schulz) are
@@ -12,7 +13,9 @@ computed by one rank, the atoms balanced across ranks by cost (a matrix too larg
 rank by all of them together), and each rank keeps its slice of the result
 (docs/distributed.md). Build the optimizer after ``fully_shard``: it replaces the
 parameters. With ``--tp``, each block's heads and MLP are first cut across ``tp`` ranks
-(``megatron_plan``), which see the same batches. Runs on CPU with gloo, or on GPUs with NCCL.
+(``megatron_plan``), which see the same batches; ``--sequence-parallel`` also cuts the
+residual stream between the blocks along the positions. Runs on CPU with gloo, or on GPUs
+with NCCL.
 """
 
 import argparse
@@ -55,6 +58,7 @@ parser.add_argument(
 parser.add_argument("--stop-after", type=int, help="stop after this step (and checkpoint)")
 parser.add_argument("--replicas", type=int, default=1, help="HSDP: shard within each replica")
 parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (cut heads, MLPs)")
+parser.add_argument("--sequence-parallel", action="store_true", help="with --tp: cut positions")
 args = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -82,7 +86,8 @@ if args.tp > 1:
     tp_mesh = init_device_mesh(
         device.type, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp")
     )
-    parallelize_module(model, tp_mesh["tp"], megatron_plan(model))
+    plan = megatron_plan(model, sequence_parallel=args.sequence_parallel)
+    parallelize_module(model, tp_mesh["tp"], plan)
     mesh, data_rank = tp_mesh["dp"], tp_mesh["dp"].get_local_rank()
 for atom, _ in model.atom_shares():  # one FSDP unit per weight matrix (a block would do too)
     fully_shard(atom, mesh=mesh)
