@@ -654,19 +654,34 @@ def test_two_processes_match_one_process_on_the_combined_batch(
     assert moved > 1e-2
 
 
+def _assert_every_parameter_as_on_one_process(
+    runs: list[dict[str, Any]],
+    key: str,
+    make: Callable[[], mn.Module],
+    train: Callable[[Any, torch.optim.Optimizer, int, int], None],
+    name: str,
+    moved: float,
+) -> None:
+    """Each rank's FSDP2 run ``key`` against one process trained by ``train`` on the combined
+    batch, to 1e-9 for every parameter, each of which moved by more than ``moved``."""
+    net = make()
+    train(net, OPTIMIZERS[name](net), 0, 1)
+    want = _full(net.parameters())
+    start = _full(make().parameters())
+    for rank, run in enumerate(runs):
+        for i, (g, w, s) in enumerate(zip(run["fsdp"][key], want, start, strict=True)):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-9, msg=f"rank {rank}, param {i}")
+            assert (w - s).abs().max() > moved, f"param {i} did not move"
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_sharded_biases_and_gains_train_as_on_one_process(
     name: str, runs: list[dict[str, Any]]
 ) -> None:
-    net = _vector_net()
-    _train(net, OPTIMIZERS[name](net), 0, 1)
-    want = _full(net.parameters())
-    start = _full(_vector_net().parameters())
-    for rank, run in enumerate(runs):
-        got = run["fsdp"][f"vectors_{name}"]
-        for i, (g, w, s) in enumerate(zip(got, want, start, strict=True)):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9, msg=f"rank {rank}, param {i}")
-            assert (w - s).abs().max() > 1e-2  # every atom, biases and gain too, moved
+    # every atom, biases and gain too, moved by more than 1e-2
+    _assert_every_parameter_as_on_one_process(
+        runs, f"vectors_{name}", _vector_net, _train, name, moved=1e-2
+    )
 
 
 @pytest.mark.parametrize("name", AFFINE)
@@ -676,15 +691,9 @@ def test_a_sharded_gpt_with_biases_and_gains_trains_as_on_one_process(
     # every Bias and Gain of a GPT, each sliced across the ranks, and its matrices; this
     # failed by 0.07 on the key biases when the keys had one (their gradient is rounding
     # error, which a normalized step scales up to a full step in a direction of its own)
-    net = _gpt(affine_mass=0.05)
-    _train_gpt(net, OPTIMIZERS[name](net), 0, 1)
-    want = _full(net.parameters())
-    start = _full(_gpt(affine_mass=0.05).parameters())
-    for rank, run in enumerate(runs):
-        got = run["fsdp"][f"gpt_affine_{name}"]
-        for i, (g, w, s) in enumerate(zip(got, want, start, strict=True)):
-            torch.testing.assert_close(g, w, rtol=0, atol=1e-9, msg=f"rank {rank}, param {i}")
-            assert (w - s).abs().max() > 1e-3, f"param {i} did not move"
+    _assert_every_parameter_as_on_one_process(
+        runs, f"gpt_affine_{name}", lambda: _gpt(affine_mass=0.05), _train_gpt, name, moved=1e-3
+    )
 
 
 def _assert_same_maps(got: dict[str, Any], want: dict[str, Any]) -> None:
