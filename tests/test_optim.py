@@ -357,15 +357,26 @@ def test_normalized_keeps_base_state_and_rejects_lbfgs(digits) -> None:
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "dual"])
 def test_weight_decay_shrinks_each_atom_by_its_share(name: str) -> None:
-    model = gpt()
+    model = gpt(affine_mass=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)  # biases start at 0: make a decay of them visible
     cls = {"sgd": optim.SGD, "adam": optim.Adam, "dual": optim.Dual}[name]
     opt = cls(model, LR, weight_decay=0.5)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # a zero update: only the decay moves the weights
     before = weights(model)
     opt.step()
-    for (_, share), b, p in zip(model.atom_shares(), before, model.parameters(), strict=True):
-        assert torch.allclose(p, b * (1 - LR * 0.5 * share), rtol=1e-6, atol=0)
+    kinds = set()
+    for (atom, share), b, p in zip(model.atom_shares(), before, model.parameters(), strict=True):
+        kinds.add(type(atom))
+        if isinstance(atom, (mn.Bias, mn.Gain)):  # as AdamW recipes: no decay of these
+            assert not atom.decays
+            assert torch.equal(p, b)
+        else:
+            assert share > 0
+            assert torch.allclose(p, b * (1 - LR * 0.5 * share), rtol=1e-6, atol=0)
+    assert {mn.Bias, mn.Gain, mn.Linear, mn.Embedding} <= kinds
 
 
 def test_project_after_each_step(digits) -> None:

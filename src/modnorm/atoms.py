@@ -240,6 +240,10 @@ class Conv2d(_MatrixAtom):
 class _VectorAtom(Atom):
     """An atom whose weight is one vector over the last (feature) dimension of its input."""
 
+    # No weight decay: decay pulls a gain toward 0, switching its features off, not toward
+    # its identity at 1; GPT recipes (nanoGPT's AdamW groups) decay neither gains nor biases.
+    decays = False
+
     def __init__(self, features: int, mass: float = 1.0) -> None:
         super().__init__(mass)
         self.in_features = self.out_features = _positive_int("features", features)

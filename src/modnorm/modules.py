@@ -18,7 +18,7 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -328,6 +328,8 @@ class Atom(Module):
     weight: nn.Parameter
     in_features: int | None
     out_features: int
+    # Whether the optimizers' weight decay shrinks this atom (``False`` for `Bias` and `Gain`).
+    decays: ClassVar[bool] = True
 
     def __init__(self, mass: float = 1.0) -> None:
         super().__init__()

@@ -10,8 +10,9 @@ Every step is the same short chain of small pieces (as optax's transformations):
 
 so the learning rate is the modular norm of every update, whatever the base optimizer, and a
 learning-rate scheduler's lr is that target norm. ``share`` is the atom's fraction of a target
-(`modnorm.Module.atom_shares`); atoms of share 0 (mass 0) never move. The optimizers are
-``torch.optim.Optimizer`` s with one parameter group that holds exactly
+(`modnorm.Module.atom_shares`); atoms of share 0 (mass 0) never move. Weight decay skips the
+atoms with ``decays = False`` (`Bias`, `Gain`), as AdamW recipes skip biases and gains. The
+optimizers are ``torch.optim.Optimizer`` s with one parameter group that holds exactly
 ``list(module.parameters())``: schedulers, ``zero_grad``, ``state_dict`` and closures work as
 in PyTorch, and gradient accumulation is PyTorch's (``.grad`` adds up over micro-batches; call
 ``step`` once).
@@ -304,8 +305,8 @@ class ModularOptimizer(Optimizer):
             applied: list[Tensor | None] = [None] * len(params)
             for i in live:
                 applied[i] = update[i]
-            shares = [share for _, share in self.module.atom_shares()]
-            apply_update_(params, applied, shares, lr * group["weight_decay"])
+            decayed = [share * atom.decays for atom, share in self.module.atom_shares()]
+            apply_update_(params, applied, decayed, lr * group["weight_decay"])
         if group["project"]:
             self.module.project_()
         return loss
