@@ -24,12 +24,13 @@ missing, or that has no version of a sweep's model, is reported and skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +194,11 @@ def run_suite(
     log: Any = print,
     device: str = "cpu",
     jobs: int = 1,
+    reuse: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every sweep into ``out/<sweep>/`` on ``device``, ``jobs`` runs at a
-    time; return the results of each."""
+    time; return the results of each. A sweep that has no results in ``out`` yet starts from
+    the runs it shares with ``reuse/<sweep>/`` (see `reused_runs`)."""
     results = []
     for sweep in sweeps:
         cfg, skipped = plan(sweep, methods)
@@ -207,6 +210,12 @@ def run_suite(
         if cfg.data.startswith("text:") and not Path(cfg.data[5:]).is_file():
             log(f"{sweep.name}: skipped, no corpus at {cfg.data[5:]}")
             continue
+        target, source = out / sweep.name / "results.json", None
+        if reuse is not None and not target.exists():
+            source = reuse / sweep.name / "results.json"
+            runs = reused_runs(cfg, source) if source.exists() else []
+            ex.write_json_atomic(target, {"schema": ex.SCHEMA, "config": asdict(cfg), "runs": runs})
+            log(f"{sweep.name}: {len(runs)} runs taken from {source}")
         data = mn_data.load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
         builders = {name: METHODS[name].build for name in cfg.optimizers}
         r = ex.run_sweep(cfg, out / sweep.name, data, device, progress, log, builders, jobs=jobs)
@@ -223,12 +232,29 @@ def run_suite(
             },
             seed_spread=seed_spread(r["runs"], cfg.scale, r["summary"]),
         )
+        if source is not None:
+            r["reused_from"] = str(source)
         ex.write_json_atomic(out / sweep.name / "results.json", r)
         if figures:
             draw_sweeps([r], out / sweep.name / "lr.png")
             draw_curves(r, out / sweep.name / "curves.png")
         results.append(r)
     return results
+
+
+def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
+    """The finished runs in ``source`` (a sweep's ``results.json``) that ``cfg`` would make:
+    its methods, its first ``cfg.seeds`` seeds. The saved sweep must be ``cfg`` up to its seeds
+    and methods (every run depends only on its own method, scale, lr and seed)."""
+    saved = json.loads(source.read_text())
+    theirs, mine = dict(saved["config"]), asdict(cfg)
+    for key in ("seeds", "optimizers"):
+        theirs.pop(key, None)
+        mine.pop(key)
+    if theirs != mine:
+        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise ValueError(f"{source} is another sweep (it differs in {diff}): nothing reused")
+    return [r for r in saved["runs"] if r["optimizer"] in cfg.optimizers and r["seed"] < cfg.seeds]
 
 
 def seed_spread(
@@ -394,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
     p.add_argument("--device", default="cpu", help="torch device of every run (default cpu)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        help="start each new sweep from the runs it shares with the same sweep saved in this "
+        "directory (e.g. more seeds or methods than a committed suite)",
+    )
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
@@ -428,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             command=command,
             device=args.device,
             jobs=args.jobs,
+            reuse=args.reuse,
         )
     print(report(load_suite(out)))
 

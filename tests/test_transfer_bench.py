@@ -91,6 +91,34 @@ def test_runs_spread_over_processes_equal_the_runs_of_one(tmp_path: Path) -> Non
     assert parallel["environment"]["jobs"] == 2
 
 
+def test_more_seeds_start_from_the_runs_of_a_saved_sweep(tmp_path: Path) -> None:
+    # --reuse: a 2-seed sweep starts from a 1-seed sweep's runs and makes only the new ones,
+    # which are those a fresh 2-seed sweep makes
+    names = ["torch-adam", "modnorm-adam"]
+    one = tr.run_suite([_tiny([8, 16])], tmp_path / "one", names, False, False)[0]
+    two = replace(_tiny([8, 16]).config, seeds=2)
+    logs: list[str] = []
+    (reused,) = tr.run_suite([tr.Sweep("tiny-width", two)], tmp_path / "two", ["modnorm-adam"],
+                             False, False, log=logs.append, reuse=tmp_path / "one")  # fmt: skip
+    assert any("4 runs taken from" in line for line in logs)  # modnorm-adam's seed-0 runs
+    assert any("resuming: 4 runs" in line and "4 to go" in line for line in logs)
+    (fresh,) = tr.run_suite([tr.Sweep("tiny-width", two)], tmp_path / "fresh", ["modnorm-adam"],
+                            False, False)  # fmt: skip
+
+    def runs(r: dict) -> list:
+        key = lambda x: (x["width"], x["lr"], x["seed"])  # noqa: E731
+        return [{**x, "wall_time": 0} for x in sorted(r["runs"], key=key)]
+
+    assert runs(reused) == runs(fresh)
+    assert reused["reused_from"].endswith("tiny-width/results.json")
+    seed0 = [x for x in one["runs"] if x["optimizer"] == "modnorm-adam"]
+    assert all(x in reused["runs"] for x in seed0)  # taken as saved
+    other = replace(two, steps=3)
+    with pytest.raises(ValueError, match="differs in \\['steps'\\]"):
+        tr.run_suite([tr.Sweep("tiny-width", other)], tmp_path / "x", ["modnorm-adam"], False,
+                     False, reuse=tmp_path / "one")  # fmt: skip
+
+
 def test_a_missing_package_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ghost = peers.Method("ghost", peers.torch_adam, ("resmlp",), ("no_such_package_xyz",))
     monkeypatch.setitem(peers.METHODS, "ghost", ghost)
