@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import logit_scale as ls
 from modnorm import baselines, compounds
 from modnorm import data as mn_data
 from modnorm import experiments as ex
@@ -82,17 +83,10 @@ def optimizer(variant: str, net: torch.nn.Module, lr: float) -> torch.optim.Opti
     return mn_optim.Adam(net, lr=lr)  # type: ignore[arg-type]
 
 
-def head_of(net: torch.nn.Module) -> torch.nn.Module:
-    heads = [m for m in net.modules() if getattr(m, "weight", None) is not None
-             and m.weight.ndim == 2 and m.weight.shape[0] == 10]  # fmt: skip
-    assert len(heads) == 1, "one Linear onto the 10 classes"
-    return heads[0]
-
-
 @torch.no_grad()
 def features(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     seen: dict[str, torch.Tensor] = {}
-    hook = head_of(net).register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
+    hook = ls.head_of(net).register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
     try:
         net(x)
     finally:
@@ -127,12 +121,14 @@ def run(job: tuple[str, str, int, int, int]) -> dict[str, Any]:
 def best(
     rows: list[dict[str, Any]], setting: str, variant: str, width: int
 ) -> list[dict[str, Any]]:
-    """The runs (every seed) at the lr of lowest mean train loss."""
+    """The runs (every seed) at the lr of lowest mean train loss (none if it has no runs)."""
     by_lr: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         if (r["setting"], r["variant"], r["width"]) == (setting, variant, width):
             by_lr.setdefault(r["log2_lr"], []).append(r)
-    return min(by_lr.values(), key=lambda rs: statistics.fmean(r["train_loss"] for r in rs))
+    return min(
+        by_lr.values(), key=lambda rs: statistics.fmean(r["train_loss"] for r in rs), default=[]
+    )
 
 
 def report(rows: list[dict[str, Any]]) -> str:
@@ -147,19 +143,14 @@ def report(rows: list[dict[str, Any]]) -> str:
         for variant in variants:
             cells = []
             for w in widths:
-                if not any((r["setting"], r["variant"], r["width"]) == (setting, variant, w)
-                           for r in rows):  # fmt: skip
+                mine = best(rows, setting, variant, w)
+                if not mine:
                     cells.append("")
                     continue
-                mine = best(rows, setting, variant, w)
                 losses = [r["train_loss"] for r in mine]
                 sd = statistics.stdev(losses) if len(losses) > 1 else math.nan
-                k = mine[0]["log2_lr"]
-                edge = (
-                    "*"
-                    if k in (grid(setting, variant, w)[0], grid(setting, variant, w)[-1])
-                    else ""
-                )
+                k, lrs = mine[0]["log2_lr"], grid(setting, variant, w)
+                edge = "*" if k in (lrs[0], lrs[-1]) else ""
                 moved = statistics.fmean(r["features_moved"] for r in mine)
                 cells.append(f"{statistics.fmean(losses):.3f} ({sd:.3f}) / {moved:.2f} "
                              f"(2^{k}{edge})")  # fmt: skip
@@ -181,11 +172,9 @@ def draw(rows: list[dict[str, Any]], path: Path) -> None:
         color = plt.cm.viridis(i / max(1, len(widths) - 1))
         points = []
         for v in variants:
-            if v.startswith(SGD) or not any(
-                (r["setting"], r["variant"], r["width"]) == ("batch 128", v, w) for r in rows
-            ):
-                continue
             mine = best(rows, "batch 128", v, w)
+            if v.startswith(SGD) or not mine:
+                continue
             moved = statistics.fmean(r["features_moved"] for r in mine)
             loss = statistics.fmean(r["train_loss"] for r in mine)
             if v == TORCH:
@@ -237,7 +226,6 @@ def main() -> None:
         for row in pool.imap_unordered(run, jobs):
             rows.append(row)
             ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
-    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     draw(rows, args.out / "movement.png")
     print(report(rows))
     print(f"wrote {path}, movement.png")

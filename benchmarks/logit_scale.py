@@ -31,7 +31,6 @@ from modnorm import compounds
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.atoms import Linear
 from modnorm.modules import Module
 
 OUT = Path(__file__).parent / "results" / "logit_scale"
@@ -50,8 +49,10 @@ VARIANTS: dict[str, tuple[float, float, float, list[int]]] = {
 }
 
 
-def _head(net: torch.nn.Module) -> Linear:
-    heads = [m for m in net.modules() if isinstance(m, Linear) and m.weight.shape[0] == 10]
+def head_of(net: torch.nn.Module) -> torch.nn.Module:
+    """The one Linear onto the 10 classes (modnorm's, or torch's in a ``torch.nn`` model)."""
+    heads = [m for m in net.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+             and m.weight.ndim == 2 and m.weight.shape[0] == 10]  # fmt: skip
     assert len(heads) == 1, "one Linear onto the 10 classes"
     return heads[0]
 
@@ -59,7 +60,7 @@ def _head(net: torch.nn.Module) -> Linear:
 @torch.no_grad()
 def probe(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, scale: float) -> dict[str, float]:
     """The factors of the logits' RMS on the batch ``x``, and the loss there."""
-    head = _head(net)
+    head = head_of(net)
     seen: dict[str, torch.Tensor] = {}
     hook = head.register_forward_hook(lambda m, i, o: seen.update(h=i[0], z=o))
     try:
@@ -90,7 +91,7 @@ def network(name: str, width: int, depth: int = 2) -> Module:
     scale, init, mass, _ = VARIANTS[name]
     net = compounds.ResMLP(64, 10, width, depth, output_scale=scale, head_mass=mass)
     with torch.no_grad():
-        _head(net).weight.mul_(init)  # drawn last: the other weights are unchanged
+        head_of(net).weight.mul_(init)  # drawn last: the other weights are unchanged
     return net
 
 

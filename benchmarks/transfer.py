@@ -210,10 +210,12 @@ def run_suite(
         if cfg.data.startswith("text:") and not Path(cfg.data[5:]).is_file():
             log(f"{sweep.name}: skipped, no corpus at {cfg.data[5:]}")
             continue
-        target, source = out / sweep.name / "results.json", None
-        if reuse is not None and not target.exists():
-            source = reuse / sweep.name / "results.json"
-            runs = reused_runs(cfg, source) if source.exists() else []
+        source = None if reuse is None else reuse / sweep.name / "results.json"
+        if source is not None and not source.exists():
+            source = None
+        target = out / sweep.name / "results.json"
+        if source is not None and not target.exists():
+            runs = reused_runs(cfg, source)
             ex.write_json_atomic(target, {"schema": ex.SCHEMA, "config": asdict(cfg), "runs": runs})
             log(f"{sweep.name}: {len(runs)} runs taken from {source}")
         data = mn_data.load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import feature_learning as fl
+from benchmarks import logit_scale as ls
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
@@ -19,7 +20,7 @@ def test_features_are_what_the_head_reads(variant: str) -> None:
     x = torch.randn(7, 64)
     h = fl.features(net, x)
     assert h.shape == (7, 24)
-    torch.testing.assert_close(fl.head_of(net)(h), net(x))
+    torch.testing.assert_close(ls.head_of(net)(h), net(x))
 
 
 def test_probing_changes_nothing_and_a_heavy_head_freezes_the_features() -> None:
@@ -44,3 +45,4 @@ def test_best_is_the_lr_of_lowest_mean_loss() -> None:
              "seed": s, "train_loss": loss, "features_moved": 1.0}
             for k, s, loss in [(-1, 0, 0.3), (-1, 1, 0.5), (0, 0, 0.35), (0, 1, 0.4)]]  # fmt: skip
     assert {r["log2_lr"] for r in fl.best(rows, "batch 128", "head mass 1", 32)} == {0}
+    assert fl.best(rows, "batch 128", "head mass 1", 64) == []

@@ -20,7 +20,7 @@ def test_the_factors_multiply_to_the_logits_rms() -> None:
     # labels the logits half predict: the best multiplier lies inside the probe's grid
     y = torch.where(torch.rand(200) < 0.5, net(x).argmax(-1), torch.randint(0, 10, (200,)))
     p = ls.probe(net, x, y, 4.0)
-    head = ls._head(net)
+    head = ls.head_of(net)
     seen: dict[str, torch.Tensor] = {}
     hook = head.register_forward_hook(lambda m, i, o: seen.update(h=i[0]))
     logits = net(x)
@@ -48,7 +48,7 @@ def test_alignment_of_a_random_head_on_isotropic_features_is_sqrt_10_over_d() ->
     torch.manual_seed(0)
     for d in (64, 1024):
         net = compounds.ResMLP(d, 10, d, 1).requires_grad_(False)
-        head = ls._head(net)
+        head = ls.head_of(net)
         h = torch.randn(4000, d)
         z = head(h)
         a = z.square().mean().sqrt() / (
@@ -66,11 +66,11 @@ def test_the_variants_change_the_head_as_named() -> None:
         net = ls.network(name, 32)
         shares = {id(a): s for a, s in net.atom_shares()}
         # the multiplier, a sensitivity, divides every share by itself
-        assert shares[id(ls._head(net))] == pytest.approx(mass / (mass + 2) / scale), name
-        others = [p for p in net.parameters() if p is not ls._head(net).weight]
-        same = [p for p in nominal.parameters() if p is not ls._head(nominal).weight]
+        assert shares[id(ls.head_of(net))] == pytest.approx(mass / (mass + 2) / scale), name
+        others = [p for p in net.parameters() if p is not ls.head_of(net).weight]
+        same = [p for p in nominal.parameters() if p is not ls.head_of(nominal).weight]
         assert all(torch.equal(a, b) for a, b in zip(others, same, strict=True)), name
-        ratio = ls._head(net).weight / ls._head(nominal).weight
+        ratio = ls.head_of(net).weight / ls.head_of(nominal).weight
         assert torch.allclose(ratio, torch.full_like(ratio, init)), name
 
 
