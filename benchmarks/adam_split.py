@@ -1,0 +1,163 @@
+"""How tuned torch Adam splits its step among a ResMLP's layers, in modnorm's units (issue #6).
+
+A normalized step of size ``lr`` gives each atom ``i`` of a modnorm network the norm
+``lr·share_i`` (``Module.atom_shares``: fixed by the masses). torch Adam has no such split;
+this measures the one it takes. It trains the ``torch.nn`` ResMLP of the transfer benchmark
+(digits with fresh input noise, 2 blocks, 200 steps of 128, linear decay) under
+``torch.optim.Adam`` at its best lr per width (`benchmarks/feature_learning.py`: 2^-5, 2^-8,
+2^-10 at widths 32, 256, 1024), and every 5th step records each Linear's update in the norm
+of the modnorm atom that computes the same map: ``‖ΔW‖₂·√(in/out)`` (modnorm's Linear is
+``√(out/in)·W``). The fractions of their sum are set beside modnorm's shares, and the masses
+``(blocks_mass, head_mass)`` of ``compounds.ResMLP`` whose shares come closest.
+
+    python -m benchmarks.adam_split --seeds 0,1,2 --jobs 2    # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing as mp
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modnorm import atoms, baselines, compounds
+from modnorm import data as mn_data
+from modnorm import experiments as ex
+
+OUT = Path(__file__).parent / "results" / "adam_split"
+BEST_LOG2_LR = {32: -5, 256: -8, 1024: -10}  # torch Adam's, benchmarks/feature_learning.py
+EVERY = 5
+LAYERS = ["input", "block 1", "block 2", "head"]
+
+
+def linears(net: nn.Module) -> list[nn.Module]:
+    """The network's matrices in forward order: torch's ``nn.Linear`` or modnorm's atoms."""
+    found = [m for m in net.modules() if isinstance(m, (nn.Linear, atoms.Linear))]
+    if isinstance(net, nn.Sequential):
+        return found  # torch_resmlp: input layer, blocks, head in module order
+    return [a for a, _ in net.atom_shares()]  # type: ignore[operator]
+
+
+def atom_norm(layer: nn.Module, delta: torch.Tensor) -> float:
+    """The norm of a change ``delta`` of ``layer``'s weight, in the modnorm atom that
+    computes the same map: ``√(out/in)·W`` for modnorm's Linear, ``W`` for torch's."""
+    out, inp = delta.shape
+    size = float(torch.linalg.matrix_norm(delta.double(), ord=2))
+    return size if isinstance(layer, atoms.Linear) else size * math.sqrt(inp / out)
+
+
+def split(net: nn.Module, opt: torch.optim.Optimizer, every: int = EVERY) -> list[list[float]]:
+    """Hook ``opt`` so that every ``every``-th step appends each layer's update size (in
+    `atom_norm`) to the returned list."""
+    layers = linears(net)
+    steps: list[list[float]] = []
+    before: list[torch.Tensor] = []
+    count = [0]
+
+    def pre(*_: Any) -> None:
+        if count[0] % every == 0:
+            before[:] = [m.weight.detach().clone() for m in layers]  # type: ignore[union-attr]
+
+    def post(*_: Any) -> None:
+        if count[0] % every == 0:
+            deltas = [m.weight.detach() - b for m, b in zip(layers, before, strict=True)]  # type: ignore[union-attr]
+            steps.append([atom_norm(m, d) for m, d in zip(layers, deltas, strict=True)])
+        count[0] += 1
+
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return steps
+
+
+def run(job: tuple[int, int]) -> dict[str, Any]:
+    width, seed = job
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    cfg = ex.SweepConfig(steps=200, batch_size=128, input_noise=1.0, depth=2)
+    data = mn_data.load("digits", input_noise=1.0)
+    recorded: list[list[list[float]]] = []
+
+    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
+        net = baselines.torch_resmlp(64, 10, width, depth)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        recorded.append(split(net, opt))
+        return net, [opt]
+
+    lr = 2.0 ** BEST_LOG2_LR[width]
+    r = ex.train_one(cfg, data, "torch-adam", width, 2, lr, seed, build=build)
+    return {"width": width, "seed": seed, "log2_lr": BEST_LOG2_LR[width],
+            "train_loss": r["train_loss"], "sizes": recorded[0]}  # fmt: skip
+
+
+def fractions(sizes: list[list[float]]) -> list[float]:
+    """Each layer's mean fraction of the summed sizes over the recorded steps."""
+    per_step = [[s / sum(step) for s in step] for step in sizes]
+    return [statistics.fmean(col) for col in zip(*per_step, strict=True)]
+
+
+def shares(width: int, blocks_mass: float, head_mass: float) -> list[float]:
+    """modnorm's shares in the ResMLP, as fractions of their sum (comparable to `fractions`)."""
+    net = compounds.ResMLP(64, 10, width, 2, blocks_mass=blocks_mass, head_mass=head_mass)
+    s = [share for _, share in net.atom_shares()]
+    return [x / sum(s) for x in s]
+
+
+def closest_masses(target: list[float], width: int) -> tuple[float, float]:
+    """The ``(blocks_mass, head_mass)`` on a half-octave grid whose shares are closest to
+    ``target`` in log ratio (the input layer's mass is 1)."""
+    grid = [2.0 ** (k / 2) for k in range(-12, 21)]
+
+    def miss(masses: tuple[float, float]) -> float:
+        got = shares(width, *masses)
+        return sum(math.log(g / t) ** 2 for g, t in zip(got, target, strict=True))
+
+    return min(itertools.product(grid, grid), key=miss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="32,256,1024")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    unknown = [w for w in widths if w not in BEST_LOG2_LR]
+    if unknown:
+        parser.error(f"no best lr measured for width(s) {unknown}: {sorted(BEST_LOG2_LR)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.map(run, [(w, s) for w in widths for s in seeds], chunksize=1)
+    print("torch Adam's step split among the layers (fraction of the summed atom norms, mean "
+          "over seeds and every 5th step), against modnorm's shares\n")  # fmt: skip
+    print(f"| width | lr | loss | {' | '.join(LAYERS)} | closest (blocks, head) masses |")
+    print("|---|---|---|" + "---|" * len(LAYERS) + "---|")
+    summary = []
+    for w in widths:
+        mine = [r for r in rows if r["width"] == w]
+        per_seed = [fractions(r["sizes"]) for r in mine]
+        frac = [statistics.fmean(c) for c in zip(*per_seed, strict=True)]
+        masses = closest_masses(frac, w)
+        loss = statistics.fmean(r["train_loss"] for r in mine)
+        cells = " | ".join(f"{f:.3f}" for f in frac)
+        closest = f"{masses[0]:g}, {masses[1]:g}"
+        print(f"| {w} | 2^{BEST_LOG2_LR[w]} | {loss:.3f} | {cells} | {closest} |")
+        summary.append({"width": w, "fractions": frac, "closest_masses": masses})
+    for masses in [(1.0, 1.0), (1.0, 8.0)]:
+        cells = " | ".join(f"{f:.3f}" for f in shares(widths[-1], *masses))
+        print(f"| modnorm, masses {masses[0]:g}, {masses[1]:g} | | | {cells} | |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "split.json"
+    path.write_text(json.dumps({"torch": torch.__version__, "summary": summary, "rows": rows}))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

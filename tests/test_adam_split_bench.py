@@ -1,0 +1,52 @@
+"""The step-split measurement (``benchmarks/adam_split.py``) and the masses that copy it
+(``benchmarks/split_masses.py``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import adam_split as sp
+from benchmarks import split_masses as sm
+from modnorm import baselines, compounds
+from modnorm import optim as mn_optim
+
+
+def test_a_normalized_step_measures_as_lr_times_the_shares() -> None:
+    torch.manual_seed(0)
+    net = compounds.ResMLP(64, 10, 24, 2, blocks_mass=2.0, head_mass=8.0)
+    opt = mn_optim.Adam(net, lr=0.5)
+    sizes = sp.split(net, opt, every=2)
+    for _ in range(4):
+        x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert len(sizes) == 2  # steps 0 and 2
+    want = [0.5 * s for _, s in net.atom_shares()]
+    for step in sizes:
+        assert step == pytest.approx(want, rel=1e-5)
+    assert sp.fractions(sizes) == pytest.approx(sp.shares(24, 2.0, 8.0), rel=1e-5)
+
+
+def test_torch_layers_are_measured_as_the_modnorm_atom_of_the_same_map() -> None:
+    net = baselines.torch_resmlp(64, 10, 48, 2)
+    layers = sp.linears(net)
+    assert [tuple(m.weight.shape) for m in layers] == [(48, 64), (48, 48), (48, 48), (10, 48)]
+    u, v = torch.randn(10, 1, dtype=torch.float64), torch.randn(1, 48, dtype=torch.float64)
+    # a rank-one change: spectral norm |u||v|; modnorm's √(10/48)·W computes it with W·√(48/10)
+    want = float(u.norm() * v.norm()) * math.sqrt(48 / 10)
+    assert sp.atom_norm(layers[-1], u @ v) == pytest.approx(want, rel=1e-9)
+
+
+def test_the_closest_masses_of_exact_shares_are_those_masses() -> None:
+    target = sp.shares(32, 2**1.5, 4.0)
+    assert sp.closest_masses(target, 32) == (2**1.5, 4.0)
+
+
+def test_one_run_of_the_copied_split_trains() -> None:
+    r = sm.run(("torch's split at width 1024", 16, 2, -1, sm.STEPS, 0))
+    assert not r["diverged"] and 0 < r["train_loss"] < 2.3  # below chance (ln 10)
