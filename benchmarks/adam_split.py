@@ -11,6 +11,7 @@ of the modnorm atom that computes the same map: ``‖ΔW‖₂·√(in/out)`` (m
 ``(blocks_mass, head_mass)`` of ``compounds.ResMLP`` whose shares come closest.
 
     python -m benchmarks.adam_split --seeds 0,1,2 --jobs 2    # about 3 minutes on 2 cores
+    python -m benchmarks.adam_split --table                   # the tables, from the saved JSON
 """
 
 from __future__ import annotations
@@ -102,39 +103,38 @@ def fractions(sizes: list[list[float]]) -> list[float]:
     return [statistics.fmean(col) for col in zip(*per_step, strict=True)]
 
 
-def shares(width: int, blocks_mass: float, head_mass: float) -> list[float]:
-    """modnorm's shares in the ResMLP, as fractions of their sum (comparable to `fractions`)."""
-    net = compounds.ResMLP(64, 10, width, 2, blocks_mass=blocks_mass, head_mass=head_mass)
+def shares(blocks_mass: float, head_mass: float) -> list[float]:
+    """modnorm's shares in the ResMLP, as fractions of their sum (comparable to `fractions`);
+    they do not depend on the width, so a narrow one is built."""
+    net = compounds.ResMLP(64, 10, 8, 2, blocks_mass=blocks_mass, head_mass=head_mass)
     s = [share for _, share in net.atom_shares()]
     return [x / sum(s) for x in s]
 
 
-def closest_masses(target: list[float], width: int) -> tuple[float, float]:
+def closest_masses(target: list[float]) -> tuple[float, float]:
     """The ``(blocks_mass, head_mass)`` on a half-octave grid whose shares are closest to
     ``target`` in log ratio (the input layer's mass is 1)."""
     grid = [2.0 ** (k / 2) for k in range(-12, 21)]
 
     def miss(masses: tuple[float, float]) -> float:
-        got = shares(width, *masses)
+        got = shares(*masses)
         return sum(math.log(g / t) ** 2 for g, t in zip(got, target, strict=True))
 
     return min(itertools.product(grid, grid), key=miss)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--widths", default="32,256,1024")
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
-    unknown = [w for w in widths if w not in BEST_LOG2_LR]
-    if unknown:
-        parser.error(f"no best lr measured for width(s) {unknown}: {sorted(BEST_LOG2_LR)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        rows = pool.map(run, [(w, s) for w in widths for s in seeds], chunksize=1)
+def profile(sizes: list[list[float]], steps: int = 200, every: int = EVERY) -> list[float]:
+    """The summed size of each recorded step divided by the linear schedule's factor there."""
+    return [sum(step) / (1 - every * i / steps) for i, step in enumerate(sizes)]
+
+
+PROFILE_STEPS = [0, 5, 10, 15, 20, 25, 50, 100, 150, 195]
+
+
+def report(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Print the split per width (and modnorm's at two sets of masses) and how the step's
+    size moves against the schedule; return the summary."""
+    widths = sorted({r["width"] for r in rows})
     print("torch Adam's step split among the layers (fraction of the summed atom norms, mean "
           "over seeds and every 5th step), against modnorm's shares\n")  # fmt: skip
     print(f"| width | lr | loss | {' | '.join(LAYERS)} | closest (blocks, head) masses |")
@@ -144,17 +144,47 @@ def main() -> None:
         mine = [r for r in rows if r["width"] == w]
         per_seed = [fractions(r["sizes"]) for r in mine]
         frac = [statistics.fmean(c) for c in zip(*per_seed, strict=True)]
-        masses = closest_masses(frac, w)
+        masses = closest_masses(frac)
         loss = statistics.fmean(r["train_loss"] for r in mine)
         cells = " | ".join(f"{f:.3f}" for f in frac)
         closest = f"{masses[0]:g}, {masses[1]:g}"
         print(f"| {w} | 2^{BEST_LOG2_LR[w]} | {loss:.3f} | {cells} | {closest} |")
         summary.append({"width": w, "fractions": frac, "closest_masses": masses})
     for masses in [(1.0, 1.0), (1.0, 8.0)]:
-        cells = " | ".join(f"{f:.3f}" for f in shares(widths[-1], *masses))
+        cells = " | ".join(f"{f:.3f}" for f in shares(*masses))
         print(f"| modnorm, masses {masses[0]:g}, {masses[1]:g} | | | {cells} | |")
-    args.out.mkdir(parents=True, exist_ok=True)
+    print("\nThe summed step size over the schedule's factor (1 − t/200), mean over seeds; a "
+          "normalized step keeps it at lr·Σ shares\n")  # fmt: skip
+    print("| width | " + " | ".join(f"step {t}" for t in PROFILE_STEPS) + " |")
+    print("|---|" + "---|" * len(PROFILE_STEPS))
+    for w in widths:
+        curves = [profile(r["sizes"]) for r in rows if r["width"] == w]
+        mean = [statistics.fmean(c[t // EVERY] for c in curves) for t in PROFILE_STEPS]
+        print(f"| {w} | " + " | ".join(f"{m:.3f}" for m in mean) + " |")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", default="32,256,1024")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="print the tables of the saved JSON")
+    args = parser.parse_args()
     path = args.out / "split.json"
+    if args.table:
+        report(json.loads(path.read_text())["rows"])
+        return
+    widths = [int(w) for w in args.widths.split(",")]
+    unknown = [w for w in widths if w not in BEST_LOG2_LR]
+    if unknown:
+        parser.error(f"no best lr measured for width(s) {unknown}: {sorted(BEST_LOG2_LR)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        rows = pool.map(run, [(w, s) for w in widths for s in seeds], chunksize=1)
+    summary = report(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "summary": summary, "rows": rows}))
     print(f"wrote {path}")
 

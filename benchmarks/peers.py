@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.compounds import GPT
+from modnorm.compounds import GPT, ResMLP
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -126,6 +126,18 @@ def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.B
     return functools.partial(
         _modnorm, name="modnorm-adam", output_scale=output_scale, head_mass=head_mass
     )
+
+
+def modnorm_adam_split(
+    cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+) -> Built:
+    """modnorm-adam on a ResMLP whose masses grow with width as tuned torch Adam's split of a
+    step does (benchmarks/adam_split.py): head ``width/d_in``, blocks that over √2, input 1;
+    at widths 256 and 1024 on 64 inputs, the masses closest to torch Adam's split."""
+    d_in = math.prod(data.in_shape)
+    head = width / d_in
+    model = ResMLP(d_in, data.num_classes, width, depth, blocks_mass=head / 2**0.5, head_mass=head)
+    return model.to(device), [mn_optim.Adam(model, lr=lr)]
 
 
 def modnorm_dual_mixed(
@@ -392,6 +404,12 @@ METHODS: dict[str, Method] = {
             modnorm_adam_head(head_mass=8.0),
             ("resmlp", "rescnn", "gpt"),
             note="head_mass=8: the head's share of each step ×8 (benchmarks/logit_scale.py)",
+        ),
+        Method(
+            "modnorm-adam-split",
+            modnorm_adam_split,
+            ("resmlp",),
+            note="masses by width: head width/d_in, blocks that /√2 (benchmarks/adam_split.py)",
         ),
         Method(
             "modnorm-adam-calibrated",

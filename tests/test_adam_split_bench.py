@@ -29,7 +29,7 @@ def test_a_normalized_step_measures_as_lr_times_the_shares() -> None:
     want = [0.5 * s for _, s in net.atom_shares()]
     for step in sizes:
         assert step == pytest.approx(want, rel=1e-5)
-    assert sp.fractions(sizes) == pytest.approx(sp.shares(24, 2.0, 8.0), rel=1e-5)
+    assert sp.fractions(sizes) == pytest.approx(sp.shares(2.0, 8.0), rel=1e-5)
 
 
 def test_torch_layers_are_measured_as_the_modnorm_atom_of_the_same_map() -> None:
@@ -43,10 +43,41 @@ def test_torch_layers_are_measured_as_the_modnorm_atom_of_the_same_map() -> None
 
 
 def test_the_closest_masses_of_exact_shares_are_those_masses() -> None:
-    target = sp.shares(32, 2**1.5, 4.0)
-    assert sp.closest_masses(target, 32) == (2**1.5, 4.0)
+    target = sp.shares(2**1.5, 4.0)
+    assert sp.closest_masses(target) == (2**1.5, 4.0)
 
 
 def test_one_run_of_the_copied_split_trains() -> None:
     r = sm.run(("torch's split at width 1024", 16, 2, -1, sm.STEPS, 0))
     assert not r["diverged"] and 0 < r["train_loss"] < 2.3  # below chance (ln 10)
+
+
+def test_the_harness_method_takes_the_masses_closest_to_the_split_at_width() -> None:
+    from benchmarks import peers
+    from modnorm import data as mn_data
+    from modnorm import experiments as ex
+
+    data = mn_data.load("digits", input_noise=1.0)
+    cfg = ex.SweepConfig(steps=2, batch_size=8, input_noise=1.0, depth=2)
+    for width, closest in [(256, (2**1.5, 4.0)), (1024, (2**3.5, 16.0))]:
+        model, [opt] = peers.modnorm_adam_split(cfg, data, width, 2, 0.5, "cpu")
+        assert isinstance(opt, mn_optim.Adam)
+        shares = [s for _, s in model.atom_shares()]  # type: ignore[operator]
+        got = [s / sum(shares) for s in shares]
+        assert got == pytest.approx(sp.shares(*closest), rel=1e-9)
+
+
+def test_the_early_boost_scales_the_first_steps_and_leaves_the_schedule() -> None:
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 10)
+    sm.boost(opt, size=4.0, steps=5.0)
+    seen: list[float] = []
+    opt.register_step_pre_hook(lambda *_: seen.append(opt.param_groups[0]["lr"]))
+    for t in range(3):
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - (t + 1) / 10))
+    want = [0.1 * (1 - t / 10) * (1 + 4 * math.exp(-t / 5)) for t in range(3)]
+    assert seen == pytest.approx(want)

@@ -60,6 +60,7 @@ def test_times_are_positive_and_the_shaping_part_lies_inside_the_step(
         "modnorm-adam-calibrated": "normalize",
         "modnorm-adam-logits4": "normalize",
         "modnorm-adam-head8": "normalize",
+        "modnorm-adam-split": "normalize",
         "modnorm-dual-mixed": "dualize",
         "modnorm-dual-blocks20": "dualize",
         "modnorm-sgd": "normalize",
