@@ -117,17 +117,27 @@ def train_row(job: Job, cfg: ex.SweepConfig, data: Any, build: ex.Builder) -> di
             "val_loss": r["val_loss"], "diverged": r["diverged"]}  # fmt: skip
 
 
-def run(job: Job) -> dict[str, Any]:
-    name, _, blocks, _, steps, _ = job
-    make_net, make_opt, _ = VARIANTS[name]
+def on_digits(job: Job, make: Callable[[int, int, float], tuple[Any, list[Any]]]) -> dict[str, Any]:
+    """One run in the `wide` sweep's setting (digits with fresh input noise, batch 128):
+    ``make(width, blocks, lr)`` builds the network and its optimizers."""
+    _, _, blocks, _, steps, _ = job
     cfg = ex.SweepConfig(steps=steps, batch_size=128, input_noise=1.0, depth=blocks)
     data = mn_data.load("digits", input_noise=1.0)
 
     def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
-        net = make_net(width, depth)
-        return net, [make_opt(net, lr)]
+        return make(width, depth, lr)
 
     return train_row(job, cfg, data, build)
+
+
+def run(job: Job) -> dict[str, Any]:
+    make_net, make_opt, _ = VARIANTS[job[0]]
+
+    def make(width: int, blocks: int, lr: float) -> tuple[Module, list[Any]]:
+        net = make_net(width, blocks)
+        return net, [make_opt(net, lr)]
+
+    return on_digits(job, make)
 
 
 def ablate(

@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.adam_gap import STEPS, Job, ablate, train_row
-from modnorm import data as mn_data
-from modnorm import experiments as ex
+from benchmarks.adam_gap import STEPS, Job, ablate, on_digits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +123,11 @@ LRS = [-12, -11, -10, -9, -8, -7, -6]
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, _, blocks, _, steps, _ = job
-    cfg = ex.SweepConfig(steps=steps, batch_size=128, input_noise=1.0, depth=blocks)
-    data = mn_data.load("digits", input_noise=1.0)
-
-    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
-        model = resmlp(width, depth, VARIANTS[name])
+    def make(width: int, blocks: int, lr: float) -> tuple[nn.Module, list[Any]]:
+        model = resmlp(width, blocks, VARIANTS[job[0]])
         return model, [torch.optim.Adam(model.parameters(), lr=lr)]
 
-    return train_row(job, cfg, data, build)
+    return on_digits(job, make)
 
 
 def main() -> None:

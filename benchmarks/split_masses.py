@@ -23,10 +23,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.adam_gap import STEPS, Job, ablate, train_row
+from benchmarks.adam_gap import STEPS, Job, ablate, on_digits
 from modnorm import compounds
-from modnorm import data as mn_data
-from modnorm import experiments as ex
 from modnorm import optim as mn_optim
 
 MASSES: dict[str, tuple[float, float]] = {  # variant: (blocks_mass, head_mass)
@@ -65,19 +63,17 @@ def boost(opt: torch.optim.Optimizer, size: float = 4.0, steps: float = 5.0) -> 
 
 
 def run(job: Job) -> dict[str, Any]:
-    name, _, blocks, _, steps, _ = job
-    cfg = ex.SweepConfig(steps=steps, batch_size=128, input_noise=1.0, depth=blocks)
-    data = mn_data.load("digits", input_noise=1.0)
+    name = job[0]
     blocks_mass, head_mass = MASSES[name.removesuffix(BOOST)]
 
-    def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
-        net = compounds.ResMLP(64, 10, width, depth, blocks_mass=blocks_mass, head_mass=head_mass)
+    def make(width: int, blocks: int, lr: float) -> tuple[Any, list[Any]]:
+        net = compounds.ResMLP(64, 10, width, blocks, blocks_mass=blocks_mass, head_mass=head_mass)
         opt = mn_optim.Adam(net, lr=lr)
         if name.endswith(BOOST):
             boost(opt)
         return net, [opt]
 
-    return train_row(job, cfg, data, build)
+    return on_digits(job, make)
 
 
 def main() -> None:
