@@ -8,10 +8,13 @@ this measures the one it takes. It trains the ``torch.nn`` ResMLP of the transfe
 2^-10 at widths 32, 256, 1024), and every 5th step records each Linear's update in the norm
 of the modnorm atom that computes the same map: ``‖ΔW‖₂·√(in/out)`` (modnorm's Linear is
 ``√(out/in)·W``). The fractions of their sum are set beside modnorm's shares, and the masses
-``(blocks_mass, head_mass)`` of ``compounds.ResMLP`` whose shares come closest.
+``(blocks_mass, head_mass)`` of ``compounds.ResMLP`` whose shares come closest. With
+``--d-in N`` a fixed orthogonal map first takes the 64 pixels to N features (the same task
+with another input width; the lrs stay digits').
 
     python -m benchmarks.adam_split --seeds 0,1,2 --jobs 2    # about 3 minutes on 2 cores
     python -m benchmarks.adam_split --table                   # the tables, from the saved JSON
+    python -m benchmarks.adam_split --seeds 0,1,2 --jobs 2 --d-in 256    # and --d-in 16
 """
 
 from __future__ import annotations
@@ -77,8 +80,23 @@ def split(net: nn.Module, opt: torch.optim.Optimizer, every: int = EVERY) -> lis
     return steps
 
 
-def run(job: tuple[int, int]) -> dict[str, Any]:
-    width, seed = job
+class Project(nn.Module):
+    """A fixed map of the 64 pixels onto ``d_in`` features (orthonormal rows or columns,
+    scaled to keep the features' RMS), so that the same task has another input width."""
+
+    def __init__(self, d_in: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(99)  # not the global RNG: the init stays the same
+        q, _ = torch.linalg.qr(torch.randn(max(64, d_in), min(64, d_in), generator=gen))
+        p = q if d_in <= 64 else q.T
+        self.register_buffer("p", p * math.sqrt(d_in / 64) if d_in > 64 else p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.p
+
+
+def run(job: tuple[int, int, int]) -> dict[str, Any]:
+    width, seed, d_in = job
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     cfg = ex.SweepConfig(steps=200, batch_size=128, input_noise=1.0, depth=2)
@@ -86,14 +104,14 @@ def run(job: tuple[int, int]) -> dict[str, Any]:
     recorded: list[list[list[float]]] = []
 
     def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
-        net = baselines.torch_resmlp(64, 10, width, depth)
+        net = baselines.torch_resmlp(d_in, 10, width, depth)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         recorded.append(split(net, opt))
-        return net, [opt]
+        return (net if d_in == 64 else nn.Sequential(Project(d_in), net)), [opt]
 
     lr = 2.0 ** BEST_LOG2_LR[width]
     r = ex.train_one(cfg, data, "torch-adam", width, 2, lr, seed, build=build)
-    return {"width": width, "seed": seed, "log2_lr": BEST_LOG2_LR[width],
+    return {"width": width, "seed": seed, "d_in": d_in, "log2_lr": BEST_LOG2_LR[width],
             "train_loss": r["train_loss"], "sizes": recorded[0]}  # fmt: skip
 
 
@@ -170,9 +188,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--d-in", type=int, default=64, help="project the 64 pixels onto this many features"
+    )
     parser.add_argument("--table", action="store_true", help="print the tables of the saved JSON")
     args = parser.parse_args()
-    path = args.out / "split.json"
+    path = args.out / ("split.json" if args.d_in == 64 else f"split_d{args.d_in}.json")
     if args.table:
         report(json.loads(path.read_text())["rows"])
         return
@@ -182,7 +203,7 @@ def main() -> None:
         parser.error(f"no best lr measured for width(s) {unknown}: {sorted(BEST_LOG2_LR)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        rows = pool.map(run, [(w, s) for w in widths for s in seeds], chunksize=1)
+        rows = pool.map(run, [(w, s, args.d_in) for w in widths for s in seeds], chunksize=1)
     summary = report(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"torch": torch.__version__, "summary": summary, "rows": rows}))

@@ -81,3 +81,13 @@ def test_the_early_boost_scales_the_first_steps_and_leaves_the_schedule() -> Non
         assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - (t + 1) / 10))
     want = [0.1 * (1 - t / 10) * (1 + 4 * math.exp(-t / 5)) for t in range(3)]
     assert seen == pytest.approx(want)
+
+
+def test_the_projection_keeps_the_features_scale() -> None:
+    x = torch.randn(5, 64)
+    wide, narrow = sp.Project(256), sp.Project(16)
+    # 64 → 256: orthonormal rows scaled by 2, so the RMS over features is kept exactly
+    torch.testing.assert_close(wide(x).square().mean(1), x.square().mean(1))
+    # 64 → 16: orthonormal columns (each feature a unit direction of the pixels)
+    torch.testing.assert_close(narrow.p.T @ narrow.p, torch.eye(16))
+    assert torch.equal(sp.Project(256).p, wide.p)  # fixed, whatever the global RNG
