@@ -8,11 +8,11 @@ width (0.36, 0.09, 0.03 at widths 32, 256, 1024) and the blocks and head the res
 masses and the heavy head of `benchmarks/feature_learning.py`, at one width (the transfer
 benchmark's setting: digits with fresh input noise, 2 blocks, 200 steps of 128); and the
 nominal masses and width 1024's with an early boost of the lr (`boost`), as torch Adam's
-first steps are larger.
+first steps are larger; and, on the pixels mapped onto 256 features, the width rule of the
+harness's ``modnorm-adam-split`` against the nominal masses, the heavy head and torch Adam.
 
-    for w in 1024 256 32; do   # about 20 minutes on 2 cores
-      python -m benchmarks.split_masses --width $w --seeds 0,1,2 --jobs 2
-      python -m benchmarks.split_masses --width $w --seeds 0,1,2 --jobs 2 --lrs=-3; done
+    for w in 1024 256 32; do   # about 30 minutes on 2 cores
+      python -m benchmarks.split_masses --width $w --seeds 0,1,2 --jobs 2; done
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from benchmarks.adam_gap import STEPS, Job, ablate, on_digits
-from modnorm import compounds
+from benchmarks.adam_split import Project
+from modnorm import baselines, compounds
 from modnorm import optim as mn_optim
 
 MASSES: dict[str, tuple[float, float]] = {  # variant: (blocks_mass, head_mass)
@@ -35,8 +36,19 @@ MASSES: dict[str, tuple[float, float]] = {  # variant: (blocks_mass, head_mass)
     "torch's split at width 1024": (2**3.5, 2**4),
 }
 BOOST = " + early boost"
-LRS = [-2, -1, 0, 1, 2]
-VARIANTS = [*MASSES, *(name + BOOST for name in ("nominal", "torch's split at width 1024"))]
+LRS = [-3, -2, -1, 0, 1, 2]
+# The same task with its pixels mapped onto 256 features (adam_split.Project): the width rule
+# of the harness's modnorm-adam-split (head width/d_in, blocks that over √2) against the
+# nominal masses, the heavy head and torch Adam, where d_in is not 64.
+D256 = " (pixels onto 256)"
+RULE = "width rule"
+TORCH = "torch Adam"
+GRIDS: dict[str, list[int]] = {
+    **{name: LRS for name in MASSES},
+    **{name + BOOST: LRS for name in ("nominal", "torch's split at width 1024")},
+    **{name + D256: LRS for name in ("nominal", "head 2^3", RULE)},
+    TORCH + D256: list(range(-12, 0)),
+}
 
 
 def boost(opt: torch.optim.Optimizer, size: float = 4.0, steps: float = 5.0) -> None:
@@ -62,16 +74,30 @@ def boost(opt: torch.optim.Optimizer, size: float = 4.0, steps: float = 5.0) -> 
     opt.register_step_post_hook(post)
 
 
+def masses(name: str, width: int) -> tuple[float, float]:
+    """The ``(blocks_mass, head_mass)`` of a modnorm variant at ``width``."""
+    d_in = 256 if name.endswith(D256) else 64
+    base = name.removesuffix(D256).removesuffix(BOOST)
+    return MASSES[base] if base != RULE else (width / d_in / 2**0.5, width / d_in)
+
+
 def run(job: Job) -> dict[str, Any]:
     name = job[0]
-    blocks_mass, head_mass = MASSES[name.removesuffix(BOOST)]
+    d_in = 256 if name.endswith(D256) else 64
+    base = name.removesuffix(D256).removesuffix(BOOST)
 
     def make(width: int, blocks: int, lr: float) -> tuple[Any, list[Any]]:
-        net = compounds.ResMLP(64, 10, width, blocks, blocks_mass=blocks_mass, head_mass=head_mass)
-        opt = mn_optim.Adam(net, lr=lr)
+        net: torch.nn.Module
+        if base == TORCH:
+            net = baselines.torch_resmlp(d_in, 10, width, blocks)
+            opt: torch.optim.Optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        else:
+            b, h = masses(name, width)
+            net = compounds.ResMLP(d_in, 10, width, blocks, blocks_mass=b, head_mass=h)
+            opt = mn_optim.Adam(net, lr=lr)  # type: ignore[arg-type]
         if name.endswith(BOOST):
             boost(opt)
-        return net, [opt]
+        return (net if d_in == 64 else torch.nn.Sequential(Project(d_in), net)), [opt]
 
     return on_digits(job, make)
 
@@ -79,7 +105,7 @@ def run(job: Job) -> dict[str, Any]:
 def main() -> None:
     ablate(
         __doc__.splitlines()[0],
-        {name: LRS for name in VARIANTS},
+        GRIDS,
         run,
         1024,
         Path(__file__).parent / "results" / "split_masses",

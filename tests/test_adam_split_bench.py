@@ -91,3 +91,14 @@ def test_the_projection_keeps_the_features_scale() -> None:
     # 64 → 16: orthonormal columns (each feature a unit direction of the pixels)
     torch.testing.assert_close(narrow.p.T @ narrow.p, torch.eye(16))
     assert torch.equal(sp.Project(256).p, wide.p)  # fixed, whatever the global RNG
+
+
+def test_the_width_rule_on_256_features_and_its_peers() -> None:
+    rule = "width rule" + sm.D256
+    assert sm.masses(rule, 512) == pytest.approx((2**0.5, 2.0))
+    assert sm.masses("nominal" + sm.D256, 512) == (1.0, 1.0)
+    assert sm.masses("torch's split at width 1024" + sm.BOOST, 32) == (2**3.5, 2**4)
+    assert not [n for n in sm.GRIDS if "," in n]  # ablate's --variants splits on commas
+    for name in (rule, "torch Adam" + sm.D256):
+        r = sm.run((name, 16, 2, -6 if name.startswith("torch") else -1, 20, 0))
+        assert not r["diverged"] and r["train_loss"] < 2.3
