@@ -133,7 +133,8 @@ def modnorm_adam_split(
 ) -> Built:
     """modnorm-adam on a ResMLP whose masses grow with width as tuned torch Adam's split of a
     step does (benchmarks/adam_split.py): head ``width/d_in``, blocks that over √2, input 1;
-    at widths 256 and 1024 on 64 inputs, the masses closest to torch Adam's split."""
+    at widths 256 and 1024 on 64 inputs, the masses closest to torch Adam's split (on 256
+    input features the heavy head trains better: benchmarks/RESULTS.md)."""
     d_in = math.prod(data.in_shape)
     head = width / d_in
     model = ResMLP(d_in, data.num_classes, width, depth, blocks_mass=head / 2**0.5, head_mass=head)
