@@ -74,17 +74,20 @@ def boost(opt: torch.optim.Optimizer, size: float = 4.0, steps: float = 5.0) -> 
     opt.register_step_post_hook(post)
 
 
+def _parse(name: str) -> tuple[int, str]:
+    """A variant's input width and its name without the input and boost suffixes."""
+    return 256 if name.endswith(D256) else 64, name.removesuffix(D256).removesuffix(BOOST)
+
+
 def masses(name: str, width: int) -> tuple[float, float]:
     """The ``(blocks_mass, head_mass)`` of a modnorm variant at ``width``."""
-    d_in = 256 if name.endswith(D256) else 64
-    base = name.removesuffix(D256).removesuffix(BOOST)
+    d_in, base = _parse(name)
     return MASSES[base] if base != RULE else (width / d_in / 2**0.5, width / d_in)
 
 
 def run(job: Job) -> dict[str, Any]:
     name = job[0]
-    d_in = 256 if name.endswith(D256) else 64
-    base = name.removesuffix(D256).removesuffix(BOOST)
+    d_in, base = _parse(name)
 
     def make(width: int, blocks: int, lr: float) -> tuple[Any, list[Any]]:
         net: torch.nn.Module
