@@ -246,17 +246,28 @@ def run_suite(
 
 def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
     """The finished runs in ``source`` (a sweep's ``results.json``) that ``cfg`` would make:
-    its methods, its first ``cfg.seeds`` seeds. The saved sweep must be ``cfg`` up to its seeds
-    and methods (every run depends only on its own method, scale, lr and seed)."""
+    its methods, scale values and lrs, its first ``cfg.seeds`` seeds. The saved sweep must be
+    ``cfg`` up to those (every run depends only on its own method, scale, lr and seed)."""
     saved = json.loads(source.read_text())
     theirs, mine = dict(saved["config"]), asdict(cfg)
-    for key in ("seeds", "optimizers"):
+    for key in ("seeds", "optimizers", "values", "lrs"):
         theirs.pop(key, None)
         mine.pop(key)
     if theirs != mine:
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
         raise ValueError(f"{source} is another sweep (it differs in {diff}): nothing reused")
-    return [r for r in saved["runs"] if r["optimizer"] in cfg.optimizers and r["seed"] < cfg.seeds]
+    wanted = {
+        ex.run_key(o, v, lr, s)
+        for o in cfg.optimizers
+        for v in cfg.values
+        for lr in cfg.lrs
+        for s in range(cfg.seeds)
+    }
+    return [
+        r
+        for r in saved["runs"]
+        if ex.run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) in wanted
+    ]
 
 
 def seed_spread(
@@ -426,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--reuse",
         type=Path,
         help="start each new sweep from the runs it shares with the same sweep saved in this "
-        "directory (e.g. more seeds or methods than a committed suite)",
+        "directory (e.g. more seeds, methods, scales or lrs than a committed suite)",
     )
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")

@@ -119,6 +119,30 @@ def test_more_seeds_start_from_the_runs_of_a_saved_sweep(tmp_path: Path) -> None
                      False, reuse=tmp_path / "one")  # fmt: skip
 
 
+def test_a_larger_grid_starts_from_the_runs_it_shares_with_a_saved_sweep(tmp_path: Path) -> None:
+    # --reuse across grids: a sweep over more scales and lrs (the full suite after quick3)
+    # takes the saved runs at the scales and lrs they share, and ends equal to a fresh sweep
+    small = _tiny([8, 16]).config
+    tr.run_suite([tr.Sweep("tiny-width", small)], tmp_path / "small", ["modnorm-adam"], False,
+                 False)  # fmt: skip
+    big = replace(small, values=[8, 12, 16], lrs=[2.0**-6, *small.lrs])
+    logs: list[str] = []
+    (reused,) = tr.run_suite([tr.Sweep("tiny-width", big)], tmp_path / "big", ["modnorm-adam"],
+                             False, False, log=logs.append, reuse=tmp_path / "small")  # fmt: skip
+    assert any("4 runs taken from" in line for line in logs)
+    assert any("resuming: 4 runs" in line and "5 to go" in line for line in logs)
+    (fresh,) = tr.run_suite([tr.Sweep("tiny-width", big)], tmp_path / "fresh", ["modnorm-adam"],
+                            False, False)  # fmt: skip
+    key = lambda x: (x["width"], x["lr"], x["seed"])  # noqa: E731
+    strip = lambda r: [{**x, "wall_time": 0} for x in sorted(r["runs"], key=key)]  # noqa: E731
+    assert strip(reused) == strip(fresh)
+    # a smaller grid takes only its own runs
+    few = replace(small, values=[16], lrs=[2.0**-1])
+    (taken,) = tr.run_suite([tr.Sweep("tiny-width", few)], tmp_path / "few", ["modnorm-adam"],
+                            False, False, reuse=tmp_path / "small")  # fmt: skip
+    assert [(x["width"], x["lr"]) for x in taken["runs"]] == [(16, 0.5)]
+
+
 def test_a_missing_package_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ghost = peers.Method("ghost", peers.torch_adam, ("resmlp",), ("no_such_package_xyz",))
     monkeypatch.setitem(peers.METHODS, "ghost", ghost)
