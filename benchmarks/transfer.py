@@ -234,8 +234,10 @@ def run_suite(
             },
             seed_spread=seed_spread(r["runs"], cfg.scale, r["summary"]),
         )
-        if source is not None:
-            r["reused_from"] = str(source)
+        # each reused run names its source, so a resume without --reuse still reports it
+        sources = sorted({run["reused_from"] for run in r["runs"] if "reused_from" in run})
+        if sources:
+            r["reused_from"] = ", ".join(sources)
         ex.write_json_atomic(out / sweep.name / "results.json", r)
         if figures:
             draw_sweeps([r], out / sweep.name / "lr.png")
@@ -246,8 +248,9 @@ def run_suite(
 
 def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
     """The finished runs in ``source`` (a sweep's ``results.json``) that ``cfg`` would make:
-    its methods, scale values and lrs, its first ``cfg.seeds`` seeds. The saved sweep must be
-    ``cfg`` up to those (every run depends only on its own method, scale, lr and seed)."""
+    its methods, scale values and lrs, its first ``cfg.seeds`` seeds, each with
+    ``reused_from``. The saved sweep must be ``cfg`` up to those (every run depends only on
+    its own method, scale, lr and seed)."""
     saved = json.loads(source.read_text())
     theirs, mine = dict(saved["config"]), asdict(cfg)
     for key in ("seeds", "optimizers", "values", "lrs"):
@@ -264,7 +267,7 @@ def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
         for s in range(cfg.seeds)
     }
     return [
-        r
+        {"reused_from": str(source), **r}  # a run reused twice keeps where it was made
         for r in saved["runs"]
         if ex.run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) in wanted
     ]

@@ -107,12 +107,20 @@ def test_more_seeds_start_from_the_runs_of_a_saved_sweep(tmp_path: Path) -> None
 
     def runs(r: dict) -> list:
         key = lambda x: (x["width"], x["lr"], x["seed"])  # noqa: E731
-        return [{**x, "wall_time": 0} for x in sorted(r["runs"], key=key)]
+        return [{**x, "wall_time": 0, "reused_from": 0} for x in sorted(r["runs"], key=key)]
 
     assert runs(reused) == runs(fresh)
-    assert reused["reused_from"].endswith("tiny-width/results.json")
+    source = str(tmp_path / "one" / "tiny-width" / "results.json")
+    assert reused["reused_from"] == source
     seed0 = [x for x in one["runs"] if x["optimizer"] == "modnorm-adam"]
-    assert all(x in reused["runs"] for x in seed0)  # taken as saved
+    assert [{**x, "reused_from": source} for x in seed0] == [  # taken as saved, and named
+        x for x in reused["runs"] if "reused_from" in x
+    ]
+    assert "reused_from" not in fresh
+    # a resume without --reuse still says where the reused runs came from
+    (again,) = tr.run_suite([tr.Sweep("tiny-width", two)], tmp_path / "two", ["modnorm-adam"],
+                            False, False)  # fmt: skip
+    assert again["reused_from"] == source and runs(again) == runs(reused)
     other = replace(two, steps=3)
     with pytest.raises(ValueError, match="differs in \\['steps'\\]"):
         tr.run_suite([tr.Sweep("tiny-width", other)], tmp_path / "x", ["modnorm-adam"], False,
@@ -133,8 +141,11 @@ def test_a_larger_grid_starts_from_the_runs_it_shares_with_a_saved_sweep(tmp_pat
     assert any("resuming: 4 runs" in line and "5 to go" in line for line in logs)
     (fresh,) = tr.run_suite([tr.Sweep("tiny-width", big)], tmp_path / "fresh", ["modnorm-adam"],
                             False, False)  # fmt: skip
-    key = lambda x: (x["width"], x["lr"], x["seed"])  # noqa: E731
-    strip = lambda r: [{**x, "wall_time": 0} for x in sorted(r["runs"], key=key)]  # noqa: E731
+
+    def strip(r: dict) -> list:
+        key = lambda x: (x["width"], x["lr"], x["seed"])  # noqa: E731
+        return [{**x, "wall_time": 0, "reused_from": 0} for x in sorted(r["runs"], key=key)]
+
     assert strip(reused) == strip(fresh)
     # a smaller grid takes only its own runs
     few = replace(small, values=[16], lrs=[2.0**-1])
