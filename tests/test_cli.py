@@ -149,6 +149,9 @@ def test_train_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     full = ex.train(cfg, tmp_path / "full", data, progress=False)
     ex.train(cfg, tmp_path / "part", data, progress=False, stop_after=5)  # "killed" after step 5
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["step"] == 5
+    plain = tmp_path / "plain"
+    plain.write_text("")  # a checkpoint is as readable as a file open() makes (not 0600)
+    assert (tmp_path / "part" / "checkpoint.pt").stat().st_mode == plain.stat().st_mode
     resumed = ex.train(cfg, tmp_path / "part", data, resume=True, progress=False)
     assert resumed["train_curve"] == full["train_curve"]  # bit-for-bit the same run
     assert resumed["val"] == full["val"]

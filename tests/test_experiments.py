@@ -1,4 +1,6 @@
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,15 @@ def test_a_sweep_over_processes_refuses_what_it_cannot_send(tmp_path) -> None:
         ex.run_sweep(cfg, tmp_path, digits(), progress=False, builders={"local": local}, jobs=2)
     with pytest.raises(ValueError, match="jobs must be a positive integer"):
         ex.run_sweep(cfg, tmp_path, digits(), progress=False, builders={"local": local}, jobs=0)
+
+
+def test_atomic_results_are_as_readable_as_open_makes_them(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        ex.write_json_atomic(tmp_path / "r.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+    finally:
+        os.umask(mask)
+    mode = (tmp_path / "r.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.json").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob("*.tmp"))

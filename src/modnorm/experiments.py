@@ -408,11 +408,20 @@ def run_key(optimizer: str, value: int, lr: float, seed: int) -> str:
     return f"{optimizer}|{value}|{lr!r}|{seed}"
 
 
+def _as_open_would(tmp: str) -> None:
+    # mkstemp makes its files owner-only (0600); a result or checkpoint put in place from
+    # one should be as readable as one written with open(): 0666 less the umask.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write through a temporary file and ``os.replace``: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
+        _as_open_would(tmp)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, allow_nan=True)
         os.replace(tmp, path)
@@ -704,6 +713,7 @@ def train(
         fd, tmp = tempfile.mkstemp(dir=out, prefix="checkpoint", suffix=".tmp")
         os.close(fd)
         try:
+            _as_open_would(tmp)
             torch.save(state, tmp)
             os.replace(tmp, ckpt_path)
         except BaseException:
