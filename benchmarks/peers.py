@@ -13,7 +13,9 @@ reported and skipped by the harness, never imported here at module level.
   ``residual_add`` with u-μP's residual rule, in a ``DepthModuleList``, and ``uu.optim.Adam``.
 - ``muon``: ``torch.optim.Muon`` for the hidden matrices and AdamW for everything else (input
   layer, embeddings, head, biases, gains), as Muon's documentation recommends; Muon's step is
-  rescaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``) so one lr serves both.
+  rescaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``) so one lr serves both. The
+  ResCNN's hidden convolutions are trained as ``(out, in·k·k)`` matrices, as Muon's reference
+  implementation flattens conv kernels.
 - ``modula-adam``: the reference Modula (PyPI ``modula==0.0.0.0.0.2``), its compounds and the
   normalized Adam loop of its README, wrapped as a ``torch.optim.Optimizer``.
 - ``modnorm-adam``, ``modnorm-sgd``, ``modnorm-dual``: modnorm's compounds and optimizers.
@@ -275,18 +277,48 @@ def umup_adam(
 # ---- Muon ----------------------------------------------------------------------------------------
 
 
+class _FlatConv2d(nn.Module):
+    """A ``Conv2d`` whose kernel is held as an ``(out, in·k·k)`` matrix, the shape
+    ``torch.optim.Muon`` takes; the same function and initialization as ``conv``."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r}: only 'zeros' is flattened")
+        self.kernel = conv.weight.shape
+        self.weight = nn.Parameter(conv.weight.detach().flatten(1).clone())
+        self.bias = conv.bias
+        self.args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.view(self.kernel)
+        return nn.functional.conv2d(x, w, self.bias, *self.args)
+
+
+def _flatten_hidden_convs(model: nn.Module) -> None:
+    """Every ``Conv2d`` but the first (the input layer) becomes a `_FlatConv2d`."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for name, conv in convs[1:]:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, _FlatConv2d(conv))
+
+
 def _hidden_matrices(model: nn.Module) -> Iterator[Tensor]:
-    """Weights of the linear layers between the input layer (or embeddings) and the head."""
+    """Weights of the linear layers (and flattened convolutions) between the input layer (or
+    embeddings) and the head."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     has_embedding = any(isinstance(m, nn.Embedding) for m in model.modules())
     inner = linears[:-1] if has_embedding else linears[1:-1]
-    return (m.weight for m in inner)
+    yield from (m.weight for m in inner)
+    yield from (m.weight for m in model.modules() if isinstance(m, _FlatConv2d))
 
 
 def muon(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
-    model = _plain(cfg, data, width, depth).to(device)
+    model = _plain(cfg, data, width, depth)
+    _flatten_hidden_convs(model)
+    model = model.to(device)
     hidden = list(_hidden_matrices(model))
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
@@ -376,7 +408,7 @@ METHODS: dict[str, Method] = {
         Method("torch-adamw", torch_adamw, ALL_MODELS, note="torch.optim.AdamW, wd 0.01"),
         Method("mup-adam", mup_adam, ("resmlp", "rescnn"), ("mup",), "MuReadout + MuAdam"),
         Method("umup-adam", umup_adam, ("resmlp",), ("unit_scaling",), "unit_scaling + Adam"),
-        Method("muon", muon, ("resmlp", "gpt"), ("torch.optim:Muon",), "torch.optim.Muon + AdamW"),
+        Method("muon", muon, ALL_MODELS, ("torch.optim:Muon",), "torch.optim.Muon + AdamW"),
         # Modula's residual stack weights Identity by 1 − 1/L, and refuses 0 · Identity at L = 1.
         Method("modula-adam", modula_adam, ALL_MODELS, ("modula",), "reference Modula", 2),
         Method("modnorm-adam", modnorm_method("modnorm-adam"), ALL_MODELS),
