@@ -221,8 +221,7 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
         on_edge = best in (grid[0], grid[-1])
         print(f"| {n} | {seeds} | 2^{best:g}{'*' if on_edge else ''} "
               f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     print(f"(* on the grid's edge) wrote {path}")
 
 

@@ -205,8 +205,7 @@ def main() -> None:
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, [(w, s, args.d_in) for w in widths for s in seeds], chunksize=1)
     summary = report(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "summary": summary, "rows": rows}))
+    ex.write_json_atomic(path, {"torch": torch.__version__, "summary": summary, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -176,8 +176,7 @@ def main() -> None:
     jobs = [(int(w), s) for w in args.widths.split(",") for s in range(args.seeds)]
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         rows = pool.map(run, jobs, chunksize=1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}))
+    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     print(report(rows))
     print(f"wrote {path}")
 

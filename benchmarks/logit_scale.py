@@ -224,8 +224,7 @@ def main() -> None:
         ran = {(n, w) for n, w, _, _ in jobs}
         rows = [r for r in json.loads(path.read_text())["rows"]
                 if (r["variant"], r["width"]) not in ran] + rows  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}))
+    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     draw(rows, args.out / "factors.png")
     print(report(rows))
     print(f"(* best lr on its grid's edge) wrote {args.out}/results.json, factors.png")
