@@ -131,10 +131,11 @@ SUITES: dict[str, list[Sweep]] = {
         *_rescnn([16, 64], [2, 16], "2^-11:2^3", 1),
         *_gpt([64, 256], [2, 8], "2^-11:2^3"),
     ],
-    # The published grid (issue #6): 32× width, 16× depth, 3 seeds, a 1-octave grid.
+    # The published grid (issue #6): 32× width, 16× depth, 3 seeds, a 1-octave grid. The
+    # ResCNN's reaches 2^5: the modular methods' best lrs on it reach 2^3.
     "full": [
         *_resmlp([32, 64, 128, 256, 512, 1024], [2, 4, 8, 16, 32], "2^-14:2^3", 200, 3),
-        *_rescnn([16, 32, 64, 128], [2, 4, 8, 16], "2^-14:2^3", 3),
+        *_rescnn([16, 32, 64, 128], [2, 4, 8, 16], "2^-14:2^5", 3),
         *_gpt([64, 128, 256, 512], [2, 4, 8], "2^-14:2^3"),
     ],
 }

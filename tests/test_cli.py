@@ -81,6 +81,32 @@ def test_sweep_writes_results_plot_and_resumes(
     assert "6 runs already" in capsys.readouterr().out
 
 
+def test_a_sweep_on_a_larger_grid_extends_the_saved_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s"
+    base = ["sweep", "--out", str(out), "--steps", "5", "--batch-size", "8", "--values", "8"]
+    assert cli.main([*base, "--optimizers", "adam", "--lrs", "2^-4:2^-3"]) == 0
+    small = json.loads((out / "results.json").read_text())["runs"]
+    grown = [*base, "--optimizers", "adam,sgd", "--lrs", "2^-4:2^-2"]
+    assert cli.main(grown) == 0
+    assert "2 runs already" in capsys.readouterr().out  # adam at 2^-4, 2^-3 were not redone
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 * 3 and runs[:2] == small
+    assert cli.main(["sweep", "--out", str(tmp_path / "fresh"), *grown[3:]]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())["runs"]
+
+    def key(r: dict) -> tuple:  # type: ignore[type-arg]
+        return r["optimizer"], r["lr"]
+
+    for a, b in zip(sorted(runs, key=key), sorted(fresh, key=key), strict=True):
+        assert {**a, "wall_time": 0} == {**b, "wall_time": 0}  # as if run on one grid
+    # a grid that leaves out a saved lr, or another budget, is not an extension
+    for other in (["--lrs", "2^-3:2^-2"], ["--lrs", "2^-4:2^-2", "--steps", "6"]):
+        assert cli.main([*base, "--optimizers", "adam,sgd", *other]) == 2
+        assert "different sweep" in capsys.readouterr().err
+
+
 def test_sweep_refuses_a_directory_of_another_sweep(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

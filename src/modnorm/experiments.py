@@ -430,8 +430,30 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
+_GRID = ("lrs", "values", "optimizers", "seeds")  # what a sweep may grow by on resuming
+
+
+def _contains(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    """Whether sweep ``new`` makes every run of sweep ``old``: the same sweep on a grid that
+    holds old's lrs, scale values, optimizers and seeds (a run depends on nothing else)."""
+    rest = {k: v for k, v in new.items() if k not in _GRID}
+    if rest != {k: v for k, v in old.items() if k not in _GRID}:
+        return False
+    try:
+        return (
+            set(old["lrs"]) <= set(new["lrs"])
+            and set(old["values"]) <= set(new["values"])
+            and set(old["optimizers"]) <= set(new["optimizers"])
+            and old["seeds"] <= new["seeds"]
+        )
+    except (KeyError, TypeError):
+        return False
+
+
 def load_results(out_dir: Path, cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Finished runs of the same sweep in ``out_dir``; a different sweep there is an error."""
+    """Finished runs in ``out_dir`` of the sweep ``cfg``, or of one on a smaller grid (fewer
+    lrs, scale values, optimizers or seeds, all of them in ``cfg``'s), which ``cfg`` then
+    extends; any other sweep there is an error."""
     path = out_dir / "results.json"
     if not path.exists():
         return []
@@ -439,9 +461,11 @@ def load_results(out_dir: Path, cfg: SweepConfig) -> list[dict[str, Any]]:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a results file: {e}") from None
-    if saved.get("config") != asdict(cfg):
+    mine, theirs = asdict(cfg), saved.get("config")
+    if theirs != mine and not (isinstance(theirs, dict) and _contains(mine, theirs)):
         raise ValueError(
-            f"{path} holds a different sweep; use another --out directory (nothing was overwritten)"
+            f"{path} holds a different sweep, not one this sweep's grid contains; use another "
+            "--out directory (nothing was overwritten)"
         )
     return list(saved.get("runs", []))
 
