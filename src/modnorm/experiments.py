@@ -9,7 +9,7 @@ import math
 import multiprocessing
 import os
 import pickle
-import tempfile
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -408,25 +408,23 @@ def run_key(optimizer: str, value: int, lr: float, seed: int) -> str:
     return f"{optimizer}|{value}|{lr!r}|{seed}"
 
 
-def _as_open_would(tmp: str) -> None:
-    # mkstemp makes its files owner-only (0600); a result or checkpoint put in place from
-    # one should be as readable as one written with open(): 0666 less the umask.
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
+def _temp_beside(path: Path) -> Path:
+    # A name no other writer picks, for a file that open() creates, so that it gets the mode
+    # the umask gives (tempfile.mkstemp's files are owner-only; changing the umask to read it
+    # would race with other threads creating files).
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write through a temporary file and ``os.replace``: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = _temp_beside(path)
     try:
-        _as_open_would(tmp)
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "x") as f:
             json.dump(obj, f, indent=1, allow_nan=True)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -734,14 +732,12 @@ def train(
         if rank != 0:
             return
         state.update(model=net.state_dict(), optimizer=opt.state_dict())
-        fd, tmp = tempfile.mkstemp(dir=out, prefix="checkpoint", suffix=".tmp")
-        os.close(fd)
+        tmp = _temp_beside(ckpt_path)
         try:
-            _as_open_would(tmp)
             torch.save(state, tmp)
             os.replace(tmp, ckpt_path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
