@@ -388,6 +388,25 @@ def load_suite(out: Path) -> list[dict[str, Any]]:
     return sorted(done, key=lambda r: (r["config"]["model"], r["config"]["scale"] != "width"))
 
 
+def unfinished(out: Path) -> list[str]:
+    """A line for each sweep under ``out`` with saved runs but no summary yet (interrupted,
+    or still running): `load_suite` leaves those out."""
+    lines = []
+    for path in sorted(out.glob("*/results.json")):
+        saved = json.loads(path.read_text())
+        if "summary" not in saved:
+            cfg = saved.get("config", {})
+            total = (
+                len(cfg.get("optimizers", []))
+                * len(cfg.get("values", []))
+                * len(cfg.get("lrs", []))
+                * cfg.get("seeds", 1)
+            )
+            n = len(saved.get("runs", []))
+            lines.append(f"{path.parent.name}: unfinished, {n} of {total} runs saved")
+    return lines
+
+
 def report(results: Sequence[dict[str, Any]]) -> str:
     parts: list[str] = []
     for r in results:
@@ -479,7 +498,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             jobs=args.jobs,
             reuse=args.reuse,
         )
-    print(report(load_suite(out)))
+    results = load_suite(out)
+    if args.sweeps:
+        names = {sw.name for sw in select(SUITES[args.suite], args.sweeps, None)}
+        results = [r for r in results if r["sweep"] in names]
+    for line in unfinished(out):
+        print(line, file=sys.stderr)
+    print(report(results))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,21 @@ def test_a_larger_grid_starts_from_the_runs_it_shares_with_a_saved_sweep(tmp_pat
     assert [(x["width"], x["lr"]) for x in taken["runs"]] == [(16, 0.5)]
 
 
+def test_unfinished_sweeps_are_named_with_their_progress(tmp_path: Path) -> None:
+    sweep = _tiny([8, 16])
+    sweep = tr.Sweep(sweep.name, replace(sweep.config, optimizers=["modnorm-adam"]))
+    done = tmp_path / "done"
+    tr.run_suite([sweep], done, ["modnorm-adam"], progress=False, figures=False, log=print)
+    assert tr.unfinished(done) == []
+    saved = json.loads((done / sweep.name / "results.json").read_text())
+    ex.write_json_atomic(
+        tmp_path / "part" / sweep.name / "results.json",
+        {"schema": saved["schema"], "config": saved["config"], "runs": saved["runs"][:3]},
+    )
+    assert tr.unfinished(tmp_path / "part") == [f"{sweep.name}: unfinished, 3 of 4 runs saved"]
+    assert tr.load_suite(tmp_path / "part") == []
+
+
 def test_a_missing_package_is_reported_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     ghost = peers.Method("ghost", peers.torch_adam, ("resmlp",), ("no_such_package_xyz",))
     monkeypatch.setitem(peers.METHODS, "ghost", ghost)
