@@ -142,10 +142,14 @@ SUITES: dict[str, list[Sweep]] = {
 
 
 def select(
-    sweeps: Sequence[Sweep], names: str | None, lrs: str | None, seeds: int | None = None
+    sweeps: Sequence[Sweep],
+    names: str | None,
+    lrs: str | None,
+    seeds: int | None = None,
+    steps: int | None = None,
 ) -> list[Sweep]:
-    """The sweeps named in ``names`` (all when ``None``), each on the grid ``lrs`` and over
-    ``seeds`` seeds if given."""
+    """The sweeps named in ``names`` (all when ``None``), each on the grid ``lrs``, over
+    ``seeds`` seeds and for ``steps`` steps if given."""
     chosen = list(sweeps)
     if names is not None:
         wanted = [n.strip() for n in names.split(",")]
@@ -161,6 +165,10 @@ def select(
         if seeds < 1:
             raise ValueError(f"seeds must be a positive integer, got {seeds}")
         chosen = [Sweep(sw.name, replace(sw.config, seeds=seeds)) for sw in chosen]
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        chosen = [Sweep(sw.name, replace(sw.config, steps=steps)) for sw in chosen]
     return chosen
 
 
@@ -453,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--lrs", help="replace every sweep's lr grid, e.g. 2^-4:2^6 (say so beside the results)"
     )
     p.add_argument("--seeds", type=int, help="replace every sweep's number of seeds")
+    p.add_argument(
+        "--steps", type=int, help="replace every sweep's budget (say so beside the results)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
     p.add_argument("--device", default="cpu", help="torch device of every run (default cpu)")
@@ -487,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         command = "python -m benchmarks.transfer " + " ".join(
             sys.argv[1:] if argv is None else argv
         )
-        sweeps = select(SUITES[args.suite], args.sweeps, args.lrs, args.seeds)
+        sweeps = select(SUITES[args.suite], args.sweeps, args.lrs, args.seeds, args.steps)
         run_suite(
             sweeps,
             out,

@@ -210,6 +210,10 @@ def test_a_suite_can_be_narrowed_to_some_sweeps_on_another_grid_or_seeds() -> No
     assert three.config.seeds == 3 and three.config.lrs == suite[1].config.lrs
     with pytest.raises(ValueError, match="seeds"):
         tr.select(suite, None, None, seeds=0)
+    (longer,) = tr.select(suite, "tiny-width", None, steps=10)
+    assert longer.config.steps == 10 and suite[0].config.steps == 2
+    with pytest.raises(ValueError, match="steps"):
+        tr.select(suite, None, None, steps=0)
     with pytest.raises(ValueError, match=r"unknown sweep\(s\) \['gpt-width'\]"):
         tr.select(suite, "gpt-width", None)
 
