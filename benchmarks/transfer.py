@@ -261,12 +261,8 @@ def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
     ``reused_from``. The saved sweep must be ``cfg`` up to those (every run depends only on
     its own method, scale, lr and seed)."""
     saved = json.loads(source.read_text())
-    theirs, mine = dict(saved["config"]), asdict(cfg)
-    for key in ("seeds", "optimizers", "values", "lrs"):
-        theirs.pop(key, None)
-        mine.pop(key)
-    if theirs != mine:
-        diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    diff = ex.differences_beyond_grid(asdict(cfg), saved["config"])
+    if diff:
         raise ValueError(f"{source} is another sweep (it differs in {diff}): nothing reused")
     wanted = {
         ex.run_key(o, v, lr, s)

@@ -428,14 +428,21 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-_GRID = ("lrs", "values", "optimizers", "seeds")  # what a sweep may grow by on resuming
+_GRID = ("lrs", "values", "optimizers", "seeds")  # a run depends on its own point of these
+
+
+def differences_beyond_grid(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The fields of sweep configs ``a`` and ``b`` (as saved) that differ, leaving out the
+    grid (lrs, scale values, optimizers, seeds): none means a run of one, at a grid point both
+    share, is a run of the other."""
+    keys = (a.keys() | b.keys()) - set(_GRID)
+    return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
 def _contains(new: dict[str, Any], old: dict[str, Any]) -> bool:
     """Whether sweep ``new`` makes every run of sweep ``old``: the same sweep on a grid that
-    holds old's lrs, scale values, optimizers and seeds (a run depends on nothing else)."""
-    rest = {k: v for k, v in new.items() if k not in _GRID}
-    if rest != {k: v for k, v in old.items() if k not in _GRID}:
+    holds old's lrs, scale values, optimizers and seeds."""
+    if differences_beyond_grid(new, old):
         return False
     try:
         return (
