@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import tempfile
@@ -41,6 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import modnorm as mn
+from modnorm import experiments as ex
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "torch_adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
@@ -194,7 +194,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.strategies == "ddp,fsdp2" else "_" + args.strategies.replace(",", "_")
     path = args.out / f"distributed_cpu_w{args.width}{suffix}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    ex.write_json_atomic(path, result)
     print(f"wrote {path}")
 
 

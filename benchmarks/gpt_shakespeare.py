@@ -15,7 +15,6 @@ Writes benchmarks/results/gpt_shakespeare.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import modnorm as mn
+from modnorm import experiments as ex
 from modnorm.data import text, text_windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,8 +165,7 @@ def main() -> None:
         "torch": torch.__version__,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    ex.write_json_atomic(Path(args.out), out)
     print("\n| library | train loss (last 10% of steps) | train loss (eval) | test loss | time |")
     print("|---|---|---|---|---|")
     for name, rs in results.items():

@@ -15,7 +15,6 @@ copies, Lanczos steps of the slowest shape, the worst relative error against an 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 import modnorm as mn
 import modnorm.atoms
 import modnorm.linalg
+from modnorm import experiments as ex
 
 
 def problems(device: str) -> dict[str, tuple[Callable[[], mn.Module], Callable[..., Any]]]:
@@ -177,7 +177,7 @@ def main() -> None:
     tag = args.device.replace(":", "") if args.device != "cpu" else f"cpu-{args.threads}t"
     path = args.out / f"lanczos_checks_{tag}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -28,6 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import modnorm as mn
+from modnorm import experiments as ex
 from modnorm import linalg
 from modnorm.modules import _atom_norms
 
@@ -132,8 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [profile_model(m, args.device, args.width, args.steps) for m in ("resmlp", "gpt")]
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"normalize_profile_{args.device}.json").write_text(json.dumps(rows, indent=1))
+        ex.write_json_atomic(args.out / f"normalize_profile_{args.device}.json", rows)
 
 
 if __name__ == "__main__":

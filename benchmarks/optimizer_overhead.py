@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import modnorm as mn
+from modnorm import experiments as ex
 
 TARGETS = {"normalize": 0.02, "dualize": 0.15}
 
@@ -265,7 +266,7 @@ def main() -> None:
     ]
     tag = ("quick" if args.quick else "full") + "_" + "_".join(labels)
     path = args.out / f"optimizer_overhead_{tag}.json"
-    path.write_text(json.dumps(result, indent=2))
+    ex.write_json_atomic(path, result)
     print(json.dumps(result["verdict"], indent=2))
     print(f"wrote {path}")
 
