@@ -29,7 +29,7 @@ import math
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -392,11 +392,13 @@ def load_suite(out: Path) -> list[dict[str, Any]]:
     return sorted(done, key=lambda r: (r["config"]["model"], r["config"]["scale"] != "width"))
 
 
-def unfinished(out: Path) -> list[str]:
-    """A line for each sweep under ``out`` with saved runs but no summary yet (interrupted,
-    or still running): `load_suite` leaves those out."""
+def unfinished(out: Path, names: Collection[str] | None = None) -> list[str]:
+    """A line for each sweep under ``out`` (of ``names``, if given) with saved runs but no
+    summary yet (interrupted, or still running): `load_suite` leaves those out."""
     lines = []
     for path in sorted(out.glob("*/results.json")):
+        if names is not None and path.parent.name not in names:
+            continue
         saved = json.loads(path.read_text())
         if "summary" not in saved:
             cfg = saved.get("config", {})
@@ -506,10 +508,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             reuse=args.reuse,
         )
     results = load_suite(out)
+    names = None
     if args.sweeps:
         names = {sw.name for sw in select(SUITES[args.suite], args.sweeps, None)}
         results = [r for r in results if r["sweep"] in names]
-    for line in unfinished(out):
+    for line in unfinished(out, names):
         print(line, file=sys.stderr)
     print(report(results))
 

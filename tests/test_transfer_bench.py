@@ -166,6 +166,8 @@ def test_unfinished_sweeps_are_named_with_their_progress(tmp_path: Path) -> None
         {"schema": saved["schema"], "config": saved["config"], "runs": saved["runs"][:3]},
     )
     assert tr.unfinished(tmp_path / "part") == [f"{sweep.name}: unfinished, 3 of 4 runs saved"]
+    assert tr.unfinished(tmp_path / "part", {sweep.name}) == tr.unfinished(tmp_path / "part")
+    assert tr.unfinished(tmp_path / "part", {"another-sweep"}) == []
     assert tr.load_suite(tmp_path / "part") == []
 
 
