@@ -179,10 +179,13 @@ def ablate(
         for k in chosen[n]
         for s in seeds
     ]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        rows = pool.map(run, jobs, chunksize=1)
     budget = "" if args.steps == steps else f"_steps{args.steps}"
     path = args.out / f"width{args.width}_blocks{args.blocks}{budget}.json"
+    rows: list[dict[str, Any]] = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        for row in pool.imap_unordered(run, jobs, chunksize=1):
+            rows.append(row)
+            save(rows, path)  # an interrupted ablation keeps the runs it finished
     report(rows, names, title(args.width, args.blocks, args.steps), path)
 
 
@@ -196,15 +199,23 @@ def _key(r: dict[str, Any]) -> tuple[str, float, int]:
     return r["variant"], r["log2_lr"], r.get("seed", 0)  # rows from before seeds are seed 0
 
 
-def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path) -> None:
-    """Print each variant's best lr and loss, averaged over the seeds run at each lr (``*``:
-    on the edge of the lrs it has run; ``±``: the standard deviation over seeds at the best
-    lr) and write ``path``; the runs not repeated this time keep their rows from an earlier
-    file."""
+def save(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Write ``rows`` to ``path`` and return all its rows: the runs not repeated this time
+    keep their rows from an earlier file."""
     if path.exists():
         ran = {_key(r) for r in rows}
         kept = [r for r in json.loads(path.read_text())["rows"] if _key(r) not in ran]
         rows = kept + rows
+    rows = sorted(rows, key=_key)
+    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
+    return rows
+
+
+def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path) -> None:
+    """Print each variant's best lr and loss, averaged over the seeds run at each lr (``*``:
+    on the edge of the lrs it has run; ``±``: the standard deviation over seeds at the best
+    lr), with the rows `save` keeps in ``path``."""
+    rows = save(rows, path)
     print(title)
     print("| variant | seeds | best lr | best train loss | at each lr |\n|---|---|---|---|---|")
     for n in names:
@@ -221,7 +232,6 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
         on_edge = best in (grid[0], grid[-1])
         print(f"| {n} | {seeds} | 2^{best:g}{'*' if on_edge else ''} "
               f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip
-    ex.write_json_atomic(path, {"torch": torch.__version__, "rows": rows})
     print(f"(* on the grid's edge) wrote {path}")
 
 

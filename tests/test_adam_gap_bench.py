@@ -68,3 +68,17 @@ def test_report_averages_seeds_and_keeps_earlier_runs(
     ag.report([row(0, 0.10, seed=1)], ["v"], "t", path)
     assert len(json.loads(path.read_text())["rows"]) == 4
     assert "2^0: 0.150" in capsys.readouterr().out
+
+
+def test_runs_are_saved_as_they_finish(tmp_path: Path) -> None:
+    # ablate saves the growing list of finished runs after each one: every save keeps the
+    # earlier file's other rows and never repeats a run
+    path = tmp_path / "r.json"
+    old = {"variant": "v", "log2_lr": 1, "train_loss": 0.5, "seed": 0}
+    path.write_text(json.dumps({"rows": [old]}))
+    done: list[dict] = []
+    for k in (0, -1):
+        done.append({"variant": "v", "log2_lr": k, "train_loss": 0.2, "seed": 0})
+        ag.save(done, path)
+        rows = json.loads(path.read_text())["rows"]
+        assert [r["log2_lr"] for r in rows] == sorted([1, *(r["log2_lr"] for r in done)])
