@@ -183,6 +183,36 @@ def test_gain_forward_norm_dual_and_well_normed() -> None:
     assert gain.sharpness == (0.0, 1.0, 0.0)  # bilinear, as a Linear
 
 
+def test_vector_atoms_on_the_channels_of_images() -> None:
+    # Bias(C, dim=1) is a convolution's bias, Gain(C, dim=1) a per-channel scale; the norms
+    # keep their meaning in the RMS over channels and pixels, as the Conv2d's
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+    bias, gain = mn.Bias(6, dim=1), mn.Gain(6, dim=1)
+    with torch.no_grad():
+        bias.weight.copy_(conv.bias)
+        gain.weight.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    plain = torch.nn.functional.conv2d(x, conv.weight, padding=1)
+    assert torch.allclose(bias(plain), conv(x), atol=1e-6)
+    assert torch.equal(gain(plain), plain * gain.weight[:, None, None])
+    y = torch.randn(2, 6, 5, 5)
+    db = torch.randn(6)
+    moved = (bias(y) + db[:, None, None] - bias(y)).square().mean((1, 2, 3)).sqrt()
+    assert torch.allclose(moved, bias.atom_norm(db).expand(2))
+    dg = torch.full((6,), 3.0)  # a constant gain attains its norm, max |g|
+    ratio = (dg[:, None, None] * y).square().mean((1, 2, 3)) / y.square().mean((1, 2, 3))
+    assert torch.allclose(ratio.sqrt(), gain.atom_norm(dg).expand(2))
+    assert mn.Bias(6, dim=-3)(y).shape == y.shape  # a negative dim counts from the end
+    with pytest.raises(ValueError, match=r"Bias\(6, dim=1\) acts on dimension 1, of size 6"):
+        bias(torch.randn(2, 5, 6, 6))
+    with pytest.raises(ValueError, match="acts on dimension 1"):
+        bias(torch.randn(6))  # no dimension 1
+    with pytest.raises(TypeError, match="dim must be an int"):
+        mn.Gain(6, dim=1.0)  # type: ignore[arg-type]
+    assert "dim=1" in repr(gain) and "dim" not in repr(mn.Gain(6))
+
+
 def test_vector_atom_projections() -> None:
     bias, gain = mn.Bias(8), mn.Gain(8)
     with torch.no_grad():

@@ -294,6 +294,34 @@ def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> N
         mn.GPT(11, 8, 16, 2, 3, affine_mass=-1.0)
 
 
+def test_rescnn_affine_mass_adds_channel_biases_that_start_as_the_identity() -> None:
+    # every Conv2d gets a per-channel Bias, every RMSDivide a per-channel Gain and Bias, the
+    # head a Bias; zeros and ones draw nothing, so the kernels and the function at init are
+    # the reference ResCNN's
+    torch.manual_seed(0)
+    plain = mn.ResCNN(3, 10, 8, 2, block_depth=2)
+    torch.manual_seed(0)
+    affine = mn.ResCNN(3, 10, 8, 2, block_depth=2, affine_mass=0.5)
+    atoms = [a for a, _ in affine.atom_shares()]
+    biases = [a for a in atoms if type(a) is mn.Bias]
+    assert sum(type(a) is mn.Conv2d for a in atoms) == 1 + 2 * 2
+    assert [b.dim for b in biases] == [1] * (5 + 4) + [-1]  # channels, the head's features
+    assert [g.dim for g in atoms if type(g) is mn.Gain] == [1] * 4
+    kernels = [p for p in affine.parameters() if p.dim() > 1]
+    for p, q in zip(plain.parameters(), kernels, strict=True):
+        assert torch.equal(p, q)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(affine(x), plain(x))
+    # in forward order: a Conv2d's bias follows it, GroupNorm's affine the RMSDivide
+    kinds = [type(a).__name__ for a in atoms]
+    assert kinds[:6] == ["Conv2d", "Bias", "Gain", "Bias", "Conv2d", "Bias"]
+    assert kinds[-2:] == ["Linear", "Bias"]
+    # the blocks are tared to 20 and the head to 1 whatever the biases; the stem's bias adds
+    assert affine.mass == pytest.approx(plain.mass + 0.5)
+    with pytest.raises(ValueError, match="affine_mass"):
+        mn.ResCNN(3, 10, 8, 2, affine_mass=float("nan"))
+
+
 def test_a_key_bias_would_get_only_rounding_error_as_gradient() -> None:
     # Why Attention gives the keys no bias: q·b is added to every score of a query and the
     # softmax cancels it, so the bias's gradient is zero but for rounding (a normalized step

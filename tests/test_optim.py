@@ -140,6 +140,23 @@ def test_update_norm_on_a_gpt_with_embeddings(name: str, affine_mass: float | No
             assert atom.atom_norm(t).item() == pytest.approx(LR * share, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", CORE)
+def test_update_norm_on_a_rescnn_with_channel_biases(name: str) -> None:
+    torch.manual_seed(0)
+    model = mn.ResCNN(1, 10, 8, 2, affine_mass=0.5)
+    opt = OPTIMIZERS[name](model)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(2):
+        before = weights(model)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        u = applied_update(model, before, 0.0)
+        assert model.norm(u).item() == pytest.approx(LR, rel=1e-3)
+        for (atom, share), t in zip(model.atom_shares(), u, strict=True):
+            assert atom.atom_norm(t).item() == pytest.approx(LR * share, rel=1e-3)
+
+
 def test_dual_orthogonalizes_linear_and_row_normalizes_embedding() -> None:
     model = gpt(affine_mass=0.5)
     opt = optim.Dual(model, LR, method="svd")

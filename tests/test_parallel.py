@@ -33,6 +33,13 @@ def test_a_style_names_what_it_cannot_cut(style: str, module: mn.Module) -> None
         getattr(parallel, style)()._apply(module, None)
 
 
+def test_a_channel_bias_is_not_cut_as_features() -> None:
+    import modnorm.parallel as parallel
+
+    with pytest.raises(ValueError, match=r"last dimension, not Bias\(4, dim=1\)"):
+        parallel.ColwiseParallel()._apply(mn.Bias(4, dim=1), None)
+
+
 def test_megatron_plan_cuts_attention_by_heads_and_mlps_by_rows_then_columns() -> None:
     from modnorm.parallel import ColwiseParallel, RowwiseParallel, megatron_plan
 

@@ -238,35 +238,46 @@ class Conv2d(_MatrixAtom):
 
 
 class _VectorAtom(Atom):
-    """An atom whose weight is one vector over the last (feature) dimension of its input."""
+    """An atom whose weight is one vector over one dimension of its input: the last (the
+    features), or ``dim`` (1 for the channels of ``(B, C, H, W)`` images)."""
 
     # No weight decay: decay pulls a gain toward 0, switching its features off, not toward
     # its identity at 1; GPT recipes (nanoGPT's AdamW groups) decay neither gains nor biases.
     decays = False
 
-    def __init__(self, features: int, mass: float = 1.0) -> None:
+    def __init__(self, features: int, mass: float = 1.0, dim: int = -1) -> None:
         super().__init__(mass)
         self.in_features = self.out_features = _positive_int("features", features)
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"dim must be an int, got {dim!r}")
+        self.dim = dim
         self.weight = nn.Parameter(torch.empty(features))
         self.reset_parameters()
 
     def _name(self) -> str:
-        return f"{self._get_name()}({self.out_features})"
+        where = "" if self.dim == -1 else f", dim={self.dim}"
+        return f"{self._get_name()}({self.out_features}{where})"
 
     def extra_repr(self) -> str:
-        return f"{self.out_features}, mass={self.mass:.4g}"
+        where = "" if self.dim == -1 else f", dim={self.dim}"
+        return f"{self.out_features}, mass={self.mass:.4g}{where}"
 
-    def _check(self, x: Tensor) -> None:
-        if x.shape[-1] != self.out_features:
+    def _vector(self, x: Tensor) -> Tensor:
+        """The weight, shaped to broadcast along ``dim`` of ``x`` (checked)."""
+        if not -x.ndim <= self.dim < x.ndim or x.shape[self.dim] != self.out_features:
+            where = "the last dimension" if self.dim == -1 else f"dimension {self.dim}"
             raise ValueError(
-                f"{self._name()} acts on the last dimension, of size {self.out_features}, "
+                f"{self._name()} acts on {where}, of size {self.out_features}, "
                 f"but its input has shape {tuple(x.shape)}"
             )
+        trailing = x.ndim - self.dim % x.ndim - 1
+        return self.weight.view(-1, *[1] * trailing) if trailing else self.weight
 
 
 class Bias(_VectorAtom):
-    """``y = x + b``, ``b`` added to every vector of the last dimension. Norm: the RMS of
-    ``b`` (the output moves by exactly that much, in the RMS norm). Dual map: ``√d·g/‖g‖₂``.
+    """``y = x + b``, ``b`` added along the last dimension (or ``dim``: ``Bias(C, dim=1)``
+    is a convolution's per-channel bias). Norm: the RMS of ``b`` (the output moves by
+    exactly that much, in the RMS norm). Dual map: ``√d·g/‖g‖₂``.
     Weight shape ``(d,)``, zero at initialization. Affine in weight and input together, so
     its sharpness is ``(0, 0, 0)``."""
 
@@ -278,8 +289,7 @@ class Bias(_VectorAtom):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        return x + self.weight
+        return x + self._vector(x)
 
     def atom_norm(self, t: Tensor) -> Tensor:
         return t.float().square().mean().sqrt()
@@ -298,8 +308,8 @@ class Bias(_VectorAtom):
 
 
 class Gain(_VectorAtom):
-    """``y = g ⊙ x``, ``g`` multiplying every vector of the last dimension (a LayerNorm's
-    weight). Norm: ``max |gᵢ|``, the RMS→RMS operator norm of ``diag(g)``. Dual map:
+    """``y = g ⊙ x``, ``g`` multiplying along the last dimension (a LayerNorm's weight) or
+    ``dim``. Norm: ``max |gᵢ|``, the RMS→RMS operator norm of ``diag(g)``. Dual map:
     ``sign(g)``. Weight shape ``(d,)``, ones at initialization (unit norm, as an orthogonal
     Linear). Bilinear in weight and input, as a Linear."""
 
@@ -307,8 +317,7 @@ class Gain(_VectorAtom):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
-        return x * self.weight
+        return x * self._vector(x)
 
     def atom_norm(self, t: Tensor) -> Tensor:
         return t.float().abs().max()

@@ -112,34 +112,50 @@ def ResCNN(  # noqa: N802
     blocks_mass: float = 20.0,
     output_scale: float = 1.0,
     head_mass: float = 1.0,
+    affine_mass: float | None = None,
 ) -> Module:
     """Residual CNN on ``(B, C, H, W)`` images: ``Linear ∘ Flatten ∘ AvgPool ∘ blocks ∘ Conv2d``;
     each block is ``(MeanSubtract ∘ act ∘ Conv2d ∘ RMSDivide) ** block_depth`` with the RMS
     taken over channels and pixels (as the reference, whose block mass is 20).
-    ``output_scale`` and ``head_mass`` as `ResMLP`'s."""
+    ``output_scale`` and ``head_mass`` as `ResMLP`'s. With ``affine_mass`` every Conv2d gets
+    a per-channel `Bias`, every RMSDivide a per-channel `Gain` and `Bias` (GroupNorm's affine
+    weights) and the head a `Bias`, as ``torch.nn``'s ResCNN has them, each atom of that mass
+    where a Conv2d has 1 (the blocks and the head are then tared as without them); ``None``
+    (the default, as the reference) builds none."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
+    _check_affine_mass(affine_mass)
     dims = (1, 2, 3)
-    initial = Conv2d(in_channels, width, kernel_size)
-    residue = (
-        MeanSubtract(dims)
-        @ _activation(activation)
-        @ Conv2d(width, width, kernel_size)
-        @ RMSDivide(dims)
-    )
+
+    def conv(d_in: int) -> Module:
+        c = Conv2d(d_in, width, kernel_size)
+        return c if affine_mass is None else Bias(width, affine_mass, dim=1) @ c
+
+    def norm() -> Module:
+        if affine_mass is None:
+            return RMSDivide(dims)
+        affine = Bias(width, affine_mass, dim=1) @ Gain(width, affine_mass, dim=1)
+        return affine @ RMSDivide(dims)
+
+    initial = conv(in_channels)
+    residue = MeanSubtract(dims) @ _activation(activation) @ conv(width) @ norm()
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
-    head = _scaled_head(Linear(width, out_features), output_scale, head_mass)
+    head = _scaled_head(_biased(affine_mass)(width, out_features), output_scale, head_mass)
     return head @ Flatten() @ AvgPool() @ blocks @ initial
 
 
-def _biased(affine_mass: float | None) -> Callable[[int, int], Module]:
-    """A Linear maker: with ``affine_mass`` each Linear is followed by a `Bias` of that mass."""
+def _check_affine_mass(affine_mass: float | None) -> None:
     if affine_mass is not None and not (
         isinstance(affine_mass, (int, float)) and 0 <= affine_mass < math.inf
     ):
         raise ValueError(f"affine_mass must be a non-negative number or None, got {affine_mass!r}")
+
+
+def _biased(affine_mass: float | None) -> Callable[[int, int], Module]:
+    """A Linear maker: with ``affine_mass`` each Linear is followed by a `Bias` of that mass."""
+    _check_affine_mass(affine_mass)
 
     def linear(d_in: int, d_out: int) -> Module:
         lin = Linear(d_in, d_out)

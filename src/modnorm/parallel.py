@@ -49,6 +49,8 @@ def _kind(module: nn.Module, style: str) -> str:
     if isinstance(module, (Embedding, nn.Embedding)):
         return "embedding"
     vector = isinstance(module, (Bias, Gain))
+    if isinstance(module, (Bias, Gain)) and module.dim != -1:  # a Linear's rows: the last dim
+        raise ValueError(f"{style} cuts a Bias or Gain on the last dimension, not {module._name()}")
     if vector and style == "ColwiseParallel":
         return "vector"
     what = module._name() if isinstance(module, Atom) else type(module).__name__
