@@ -294,7 +294,7 @@ def test_gpt_affine_mass_adds_biases_and_gains_that_start_as_the_identity() -> N
         mn.GPT(11, 8, 16, 2, 3, affine_mass=-1.0)
 
 
-def test_rescnn_affine_mass_adds_channel_biases_that_start_as_the_identity() -> None:
+def test_rescnn_affine_mass_adds_channel_biases_and_gains_that_start_as_the_identity() -> None:
     # every Conv2d gets a per-channel Bias, every RMSDivide a per-channel Gain and Bias, the
     # head a Bias; zeros and ones draw nothing, so the kernels and the function at init are
     # the reference ResCNN's
