@@ -27,7 +27,7 @@ import functools
 import importlib
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
@@ -105,7 +105,10 @@ def _modnorm(
     calibrate: bool = False,
     output_scale: float = 1.0,
     head_mass: float = 1.0,
+    affine_mass: float | None = None,
 ) -> Built:
+    if affine_mass is not None:
+        cfg = replace(cfg, affine_mass=affine_mass)
     model = ex.build_model(
         cfg, name, width, depth, data, output_scale=output_scale, head_mass=head_mass
     ).to(device)
@@ -128,6 +131,12 @@ def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.B
     return functools.partial(
         _modnorm, name="modnorm-adam", output_scale=output_scale, head_mass=head_mass
     )
+
+
+def modnorm_adam_affine(mass: float) -> ex.Builder:
+    """modnorm-adam on a ResCNN or GPT with biases and gains of mass ``mass``
+    (``affine_mass``: per channel after each Conv2d and RMSDivide, as ``torch.nn``'s)."""
+    return functools.partial(_modnorm, name="modnorm-adam", affine_mass=mass)
 
 
 def modnorm_adam_split(
@@ -437,6 +446,12 @@ METHODS: dict[str, Method] = {
             modnorm_adam_head(head_mass=8.0),
             ("resmlp", "rescnn", "gpt"),
             note="head_mass=8: the head's share of each step ×8 (benchmarks/logit_scale.py)",
+        ),
+        Method(
+            "modnorm-adam-affine",
+            modnorm_adam_affine(0.25),
+            ("rescnn", "gpt"),
+            note="affine_mass=0.25: biases and gains as atoms (benchmarks/rescnn_gap.py)",
         ),
         Method(
             "modnorm-adam-split",

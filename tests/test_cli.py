@@ -1,5 +1,6 @@
 """Smoke tests of the ``modnorm`` command with tiny settings."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -146,6 +147,15 @@ def test_unknown_optimizer_and_missing_data_exit_2(
     assert cli.main(argv) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+    argv = ["sweep", "--out", str(tmp_path / "a"), "--affine-mass", "0.25", *TINY]
+    assert cli.main(argv) == 2  # the ResMLP has no biases or gains to weigh
+    assert "affine_mass is an option of modnorm's rescnn and gpt, not resmlp" in (
+        capsys.readouterr().err
+    )
+    argv = ["sweep", "--out", str(tmp_path / "a"), "--model", "rescnn", "--affine-mass", "-1"]
+    assert cli.main([*argv, *TINY]) == 2
+    assert "affine_mass must be a non-negative number, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
 
 
 def _corpus(tmp_path: Path) -> Path:
@@ -183,6 +193,25 @@ def test_train_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     assert resumed["val"] == full["val"]
     with pytest.raises(ValueError, match="exists"):
         ex.train(cfg, tmp_path / "full", data, progress=False)
+
+
+def test_a_checkpoint_resumes_across_a_new_config_field_at_its_default(tmp_path: Path) -> None:
+    from modnorm.data import text
+
+    corpus = _corpus(tmp_path)
+    common = dict(model="gpt", data=f"text:{corpus}", width=16, depth=1, num_heads=2, context=8)
+    cfg = ex.TrainConfig(**common, steps=4, batch_size=2, eval_every=2, checkpoint_every=2)
+    data = text(corpus)
+    ex.train(cfg, tmp_path / "old", data, progress=False, stop_after=2)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["config"]["affine_mass"]  # as saved before the field existed
+    torch.save(ckpt, path)
+    assert ex.train(cfg, tmp_path / "old", data, resume=True, progress=False)["steps_done"] == 4
+    affine = dataclasses.replace(cfg, affine_mass=0.25)
+    ex.train(affine, tmp_path / "affine", data, progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="different configuration"):
+        ex.train(cfg, tmp_path / "affine", data, resume=True, progress=False)
 
 
 def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,6 +1,8 @@
+import dataclasses
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,6 +132,54 @@ def test_build_model_passes_head_options_to_modnorm_compounds_only() -> None:
             ex.build_model(
                 ex.SweepConfig(model="mlp"), "modnorm-adam", 32, 2, data, **{option: 2.0}
             )
+
+
+def test_build_model_gives_modnorm_rescnn_and_gpt_their_affine_atoms(tmp_path: Path) -> None:
+    from modnorm import data as mn_data
+    from modnorm.atoms import Bias
+
+    def kinds(net: Any) -> list[str]:
+        return [type(a).__name__ for a, _ in net.atom_shares()]
+
+    images = mn_data.load("digits", image=True)
+    cfg = ex.SweepConfig(model="rescnn", affine_mass=0.25)
+    cfg.validate()
+    net = ex.build_model(cfg, "modnorm-adam", 8, 2, images)
+    plain = ex.build_model(dataclasses.replace(cfg, affine_mass=None), "modnorm-adam", 8, 2, images)
+    atoms = kinds(net)
+    # a Bias per Conv2d, a Gain and a Bias per RMSDivide, a Bias after the head
+    assert atoms.count("Bias") == 3 + 2 + 1 and atoms.count("Gain") == 2
+    assert [k for k in atoms if k not in ("Bias", "Gain")] == kinds(plain)
+    (head, head_share), (bias, bias_share) = list(net.atom_shares())[-2:]  # type: ignore[operator]
+    assert type(head).__name__ == "Linear" and isinstance(bias, Bias)
+    assert bias_share == pytest.approx(0.25 * head_share)  # mass 0.25 where a Linear has 1
+    torch_net = ex.build_model(cfg, "adam", 8, 2, images)  # torch.nn's own biases, unchanged
+    assert sum(p.numel() for p in torch_net.parameters()) == sum(
+        p.numel()
+        for p in ex.build_model(ex.SweepConfig(model="rescnn"), "adam", 8, 2, images).parameters()
+    )
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be\n" * 20)
+    text = mn_data.load(f"text:{corpus}")
+    gpt = ex.SweepConfig(model="gpt", data=f"text:{corpus}", num_heads=2, affine_mass=0.5)
+    assert "Gain" in kinds(ex.build_model(gpt, "modnorm-dual", 8, 1, text))
+    for bad, message in (
+        (ex.SweepConfig(affine_mass=0.25), "option of modnorm's rescnn and gpt, not resmlp"),
+        (ex.SweepConfig(model="rescnn", affine_mass=math.inf), "non-negative number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bad.validate()
+
+
+def test_a_saved_sweep_predating_affine_mass_is_the_same_sweep(tmp_path: Path) -> None:
+    cfg = ex.SweepConfig(values=[8], lrs=[0.1], steps=1)
+    old = dataclasses.asdict(cfg)
+    del old["affine_mass"]  # as saved before the field existed
+    runs = [{"optimizer": "adam", "width": 8}]
+    ex.write_json_atomic(tmp_path / "results.json", {"schema": 1, "config": old, "runs": runs})
+    assert ex.load_results(tmp_path, cfg) == runs
+    with pytest.raises(ValueError, match="different sweep"):
+        ex.load_results(tmp_path, dataclasses.replace(cfg, affine_mass=0.25))
 
 
 def test_a_sweep_over_processes_refuses_what_it_cannot_send(tmp_path) -> None:

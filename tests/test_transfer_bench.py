@@ -229,6 +229,17 @@ def test_modnorm_methods_go_through_the_shared_loop_unchanged() -> None:
     assert plain["curve"] == built["curve"]
 
 
+def test_the_affine_method_is_modnorm_adam_on_the_affine_compound() -> None:
+    cfg = replace(_tiny([8]).config, model="rescnn", input_noise=0.0)
+    data = digits(image=True)
+    affine = peers.METHODS["modnorm-adam-affine"]
+    assert affine.models == ("rescnn", "gpt")  # the compounds with biases and gains to weigh
+    built = ex.train_one(cfg, data, "modnorm-adam-affine", 8, 2, 0.25, 0, build=affine.build)
+    plain = ex.train_one(replace(cfg, affine_mass=0.25), data, "modnorm-adam", 8, 2, 0.25, 0)
+    assert built["curve"] == plain["curve"]
+    assert built["curve"] != ex.train_one(cfg, data, "modnorm-adam", 8, 2, 0.25, 0)["curve"]
+
+
 def test_seed_spread_is_the_standard_deviation_at_the_best_lr() -> None:
     def run(lr: float, seed: int, loss: float) -> dict[str, object]:
         return dict(optimizer="a", width=8, lr=lr, seed=seed, train_loss=loss, diverged=False,

@@ -47,6 +47,16 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _affine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--affine-mass",
+        type=float,
+        default=None,
+        metavar="MASS",
+        help="rescnn and gpt: modnorm's model gets biases and gains of this mass (e.g. 0.25)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory; a partial sweep there is resumed"
     )
     sw.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
+    _affine(sw)
     _common(sw)
 
     tr = sub.add_parser("train", help="one training run with validation and checkpoints")
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="stop (with a checkpoint) after step STEP, to continue later with --resume",
     )
+    _affine(tr)
     _common(tr)
 
     pl = sub.add_parser("plot", help="redraw the figure of a sweep from its results.json")
@@ -263,6 +275,7 @@ def _sweep(args: argparse.Namespace) -> int:
         context=args.context,
         num_heads=args.heads,
         schedule=args.schedule,
+        affine_mass=args.affine_mass,
     )
     cfg.validate()
     device = _device(args.device)
@@ -345,6 +358,7 @@ def _train(args: argparse.Namespace) -> int:
         input_noise=args.input_noise,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
+        affine_mass=args.affine_mass,
     )
     cfg.sweep_config().validate()
     if args.stop_after is not None and args.stop_after < 1:

@@ -29,6 +29,7 @@ MODELS = ("mlp", "resmlp", "rescnn", "gpt")
 OPTIMIZERS = ("modnorm-adam", "modnorm-sgd", "modnorm-dual", "adam", "sgd")
 STRATEGIES = ("ddp", "fsdp")  # how `train` splits a run over the ranks of a process group
 SCALES = ("width", "depth")
+AFFINE_MODELS = ("rescnn", "gpt")  # the compounds with an ``affine_mass`` option
 SCHEMA = 1
 
 
@@ -51,6 +52,8 @@ class SweepConfig:
     context: int = 64  # text models
     num_heads: int = 4
     schedule: str = "linear"  # "linear" decay to zero, or "constant"
+    # modnorm's ResCNN and GPT get biases and gains of this mass (the torch.nn ones have theirs)
+    affine_mass: float | None = None
 
     def validate(self, known: Sequence[str] = OPTIMIZERS) -> None:
         """Raise on a bad field; ``known`` are the optimizer names a sweep may use."""
@@ -73,6 +76,18 @@ class SweepConfig:
             raise ValueError("the gpt model needs text data: --data text:PATH")
         if self.model != "gpt" and self.data.startswith("text:"):
             raise ValueError(f"text data needs the gpt model, not {self.model}")
+        if self.affine_mass is not None:
+            if not (
+                isinstance(self.affine_mass, (int, float)) and 0 <= self.affine_mass < math.inf
+            ):
+                raise ValueError(
+                    f"affine_mass must be a non-negative number, got {self.affine_mass!r}"
+                )
+            if self.model not in AFFINE_MODELS:
+                raise ValueError(
+                    f"affine_mass is an option of modnorm's {' and '.join(AFFINE_MODELS)}, "
+                    f"not {self.model}"
+                )
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -131,7 +146,8 @@ def build_model(
 ) -> nn.Module:
     """The model of ``cfg`` at one scale: a modnorm compound for modnorm optimizers, the
     same architecture in plain ``torch.nn`` (standard practice) for the others.
-    ``output_scale`` and ``head_mass`` are the residual compounds' (modnorm only)."""
+    ``output_scale`` and ``head_mass`` are the residual compounds' (modnorm only);
+    ``cfg.affine_mass`` is the ResCNN's and GPT's (modnorm only: ``torch.nn`` has them)."""
     modular = optimizer.startswith("modnorm")
     residual = modular and cfg.model in ("resmlp", "rescnn", "gpt")
     for name, value in (("output_scale", output_scale), ("head_mass", head_mass)):
@@ -149,6 +165,7 @@ def build_model(
                 depth,
                 output_scale=scale,
                 head_mass=mass,
+                affine_mass=cfg.affine_mass,
             )
         return baselines.TorchGPT(classes, cfg.context, width, cfg.num_heads, depth)
     shape = data.in_shape
@@ -157,7 +174,13 @@ def build_model(
             raise ValueError("rescnn needs image data of shape (C, H, W)")
         if modular:
             return compounds.ResCNN(
-                shape[0], classes, width, depth, output_scale=scale, head_mass=mass
+                shape[0],
+                classes,
+                width,
+                depth,
+                output_scale=scale,
+                head_mass=mass,
+                affine_mass=cfg.affine_mass,
             )
         return baselines.torch_rescnn(shape[0], classes, width, depth)
     features = math.prod(shape)
@@ -611,6 +634,7 @@ class TrainConfig:
     input_noise: float = 0.0
     eval_every: int = 100
     checkpoint_every: int = 500
+    affine_mass: float | None = None  # as `SweepConfig`'s
 
     def sweep_config(self) -> SweepConfig:
         return SweepConfig(
@@ -626,6 +650,7 @@ class TrainConfig:
             lrs=[self.lr],
             values=[self.width],
             depth=self.depth,
+            affine_mass=self.affine_mass,
         )
 
 
@@ -699,7 +724,8 @@ def train(
             ckpt = load_checkpoint(ckpt_path, opt)
         else:
             ckpt = torch.load(ckpt_path, weights_only=False)
-        if ckpt["config"] != asdict(cfg):
+        # a field the checkpoint predates was then at its default
+        if {**asdict(TrainConfig()), **ckpt["config"]} != asdict(cfg):
             raise ValueError(f"{ckpt_path} was made with a different configuration; not resuming")
         streams = ckpt.get("streams", [(ckpt["generator"], ckpt["torch_rng"])])
         if len(streams) != world:
