@@ -166,6 +166,9 @@ def ablate(
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument(
+        "--resume", action="store_true", help="skip the runs the output file already holds"
+    )
     args = parser.parse_args()
     names = [v.strip() for v in args.variants.split(",")]
     unknown = [n for n in names if n not in grids]
@@ -181,6 +184,9 @@ def ablate(
     ]
     budget = "" if args.steps == steps else f"_steps{args.steps}"
     path = args.out / f"width{args.width}_blocks{args.blocks}{budget}.json"
+    if args.resume:
+        jobs = unsaved(jobs, path)
+        print(f"resuming {path}: {len(jobs)} runs to go")
     rows: list[dict[str, Any]] = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         for row in pool.imap_unordered(run, jobs, chunksize=1):
@@ -197,6 +203,15 @@ def _log2(text: str) -> float:
 
 def _key(r: dict[str, Any]) -> tuple[str, float, int]:
     return r["variant"], r["log2_lr"], r.get("seed", 0)  # rows from before seeds are seed 0
+
+
+def unsaved(jobs: list[Job], path: Path) -> list[Job]:
+    """The ``jobs`` whose row (variant, lr, seed) ``path`` does not hold yet (its file name
+    fixes the width, blocks and steps)."""
+    if not path.exists():
+        return jobs
+    saved = {_key(r) for r in json.loads(path.read_text())["rows"]}
+    return [j for j in jobs if (j[0], j[3], j[5]) not in saved]
 
 
 def save(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -226,11 +241,14 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
         grid = sorted(by_lr)
         mean = {k: statistics.fmean(v) for k, v in by_lr.items()}
         best = min(grid, key=lambda k: mean[k])
+        # lrs the table cannot tell apart are all shown, and edge only if all of them are
+        tied = [k for k in grid if f"{mean[k]:.3f}" == f"{mean[best]:.3f}"]
         spread = f" ± {statistics.stdev(by_lr[best]):.3f}" if len(by_lr[best]) > 1 else ""
         seeds = "/".join(str(len(by_lr[k])) for k in grid)
         each = ", ".join(f"2^{k:g}: {mean[k]:.3f}" for k in grid)
-        on_edge = best in (grid[0], grid[-1])
-        print(f"| {n} | {seeds} | 2^{best:g}{'*' if on_edge else ''} "
+        on_edge = all(k in (grid[0], grid[-1]) for k in tied)
+        lrs = " = ".join(f"2^{k:g}" for k in tied)
+        print(f"| {n} | {seeds} | {lrs}{'*' if on_edge else ''} "
               f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip
     print(f"(* on the grid's edge) wrote {path}")
 

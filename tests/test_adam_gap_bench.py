@@ -82,3 +82,29 @@ def test_runs_are_saved_as_they_finish(tmp_path: Path) -> None:
         ag.save(done, path)
         rows = json.loads(path.read_text())["rows"]
         assert [r["log2_lr"] for r in rows] == sorted([1, *(r["log2_lr"] for r in done)])
+
+
+def test_resume_skips_the_saved_runs(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    jobs = [("v", 16, 2, k, ag.STEPS, s) for k in (-1, 0, 0.5) for s in (0, 1)]
+    assert ag.unsaved(jobs, path) == jobs  # nothing saved yet
+    saved = [{"variant": "v", "log2_lr": k, "seed": s} for k, s in ((-1, 0), (0.5, 1))]
+    saved.append({"variant": "w", "log2_lr": 0, "seed": 0})  # another variant's run
+    saved.append({"variant": "v", "log2_lr": 0})  # from before seeds: seed 0
+    path.write_text(json.dumps({"rows": saved}))
+    assert ag.unsaved(jobs, path) == [jobs[1], jobs[3], jobs[4]]
+
+
+def test_lrs_the_table_cannot_tell_apart_are_all_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [
+        {"variant": "v", "log2_lr": k, "train_loss": loss, "seed": 0}
+        for k, loss in ((0, 0.4471), (1, 0.4500), (2, 0.4468))
+    ]
+    ag.report(rows, ["v"], "t", tmp_path / "r.json")
+    # 0.447 at both ends: both shown, and on the edge since both are
+    assert "| v | 1/1/1 | 2^0 = 2^2* | 0.447 |" in capsys.readouterr().out
+    rows[1]["train_loss"] = 0.4469  # now 2^1 ties too: not on the edge
+    ag.report(rows, ["v"], "t", tmp_path / "r.json")
+    assert "| v | 1/1/1 | 2^0 = 2^1 = 2^2 | 0.447 |" in capsys.readouterr().out
