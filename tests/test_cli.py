@@ -242,3 +242,17 @@ def test_plot_and_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         cli.main(["plot", str(out), "--out", str(tmp_path / "q.png"), "--metric", "val_loss"]) == 0
     )
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_python_dash_m_modnorm_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "modnorm", "sweep", "--out", "x", "--values", "a,b"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "comma-separated integers" in run.stderr
+    assert run.stderr.startswith("usage: modnorm sweep")
