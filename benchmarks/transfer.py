@@ -383,6 +383,29 @@ def summary_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def overview(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The README's table: one row per method, one column per sweep, each cell the drift
+    (octaves), the regret and the best loss at the sweep's largest scale ("—": not run)."""
+    header = ["method"]
+    for r in results:
+        c = r["config"]
+        header.append(f"{c['model']} {c['scale']} {min(c['values'])} → {max(c['values'])}")
+    rows = []
+    for name in [m for m in METHODS if any(m in r["summary"] for r in results)]:
+        row = [name]
+        for r in results:
+            s = r["summary"].get(name)
+            if s is None:
+                row.append("—")
+                continue
+            last = str(max(r["config"]["values"]))
+            loss = s["best_loss"].get(last)
+            at_last = "—" if loss is None or not math.isfinite(loss) else f"{loss:.3f}"
+            row.append(f"{_oct(s['drift_octaves'])} / {_pct(s['regret'])} / {at_last}")
+        rows.append(row)
+    return header, rows
+
+
 def load_suite(out: Path) -> list[dict[str, Any]]:
     """Saved results of every sweep under ``out``, in name order."""
     import json
@@ -515,6 +538,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for line in unfinished(out, names):
         print(line, file=sys.stderr)
     print(report(results))
+    if results:
+        print("\n### overview: drift (octaves) / regret / best loss at the largest scale\n")
+        print(_markdown(*overview(results)))
 
 
 if __name__ == "__main__":

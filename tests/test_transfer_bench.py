@@ -352,6 +352,24 @@ def test_readme_transfer_table_matches_the_committed_json() -> None:
         assert float(regret.removesuffix(" %")) == pytest.approx(100 * s["regret"], abs=0.05)
 
 
+def test_the_overview_has_a_column_per_sweep_read_off_its_summary() -> None:
+    results = tr.load_suite(COMMITTED)
+    header, rows = tr.overview(results)
+    assert header == ["method", "resmlp width 32 → 256", "resmlp depth 2 → 32"]
+    assert [r[0] for r in rows] == [m for m in tr.METHODS if m in results[0]["summary"]]
+    for row in rows:
+        for r, cell in zip(results, row[1:], strict=True):
+            s = r["summary"][row[0]]
+            drift, regret, loss = cell.split(" / ")
+            assert float(drift) == pytest.approx(s["drift_octaves"], abs=0.05)
+            assert float(regret.removesuffix(" %")) == pytest.approx(100 * s["regret"], abs=0.05)
+            last = str(max(r["config"]["values"]))
+            assert float(loss) == pytest.approx(s["best_loss"][last], abs=5e-4)
+    partial = [results[0], {**results[1], "summary": {"muon": results[1]["summary"]["muon"]}}]
+    _, rows = tr.overview(partial)
+    assert all(row[2] == "—" for row in rows if row[0] != "muon")  # not run in that sweep
+
+
 def test_committed_summaries_are_those_of_their_runs() -> None:
     # A change to the metrics (e.g. how regret reads between grid points) must be followed by
     # re-summarizing the committed sweeps: `python -m benchmarks.transfer --suite quick`.
