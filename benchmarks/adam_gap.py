@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import statistics
 from collections.abc import Callable
@@ -206,12 +207,21 @@ def _key(r: dict[str, Any]) -> tuple[str, float, int]:
 
 
 def unsaved(jobs: list[Job], path: Path) -> list[Job]:
-    """The ``jobs`` whose row (variant, lr, seed) ``path`` does not hold yet (its file name
-    fixes the width, blocks and steps)."""
+    """The ``jobs`` whose run (variant, width, blocks, lr, steps, seed) ``path`` does not
+    hold yet; a row without a field (older files) matches any value of it, but rows from
+    before seeds are seed 0."""
     if not path.exists():
         return jobs
-    saved = {_key(r) for r in json.loads(path.read_text())["rows"]}
-    return [j for j in jobs if (j[0], j[3], j[5]) not in saved]
+    rows = json.loads(path.read_text())["rows"]
+    fields = ("variant", "width", "blocks", "log2_lr", "steps", "seed")
+
+    def done(job: Job) -> bool:
+        return any(
+            all({"seed": 0, **r}.get(f, v) == v for f, v in zip(fields, job, strict=True))
+            for r in rows
+        )
+
+    return [j for j in jobs if not done(j)]
 
 
 def save(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -227,9 +237,10 @@ def save(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
 
 
 def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path) -> None:
-    """Print each variant's best lr and loss, averaged over the seeds run at each lr (``*``:
-    on the edge of the lrs it has run; ``±``: the standard deviation over seeds at the best
-    lr), with the rows `save` keeps in ``path``."""
+    """Print each variant's best lr and loss, averaged over the seeds run at each lr (with
+    every lr tied with it at the printed precision; ``*``: one of them on the edge of the lrs
+    it has run; ``±``: the standard deviation over seeds at the best lr), with the rows
+    `save` keeps in ``path``."""
     rows = save(rows, path)
     print(title)
     print("| variant | seeds | best lr | best train loss | at each lr |\n|---|---|---|---|---|")
@@ -241,12 +252,15 @@ def report(rows: list[dict[str, Any]], names: list[str], title: str, path: Path)
         grid = sorted(by_lr)
         mean = {k: statistics.fmean(v) for k, v in by_lr.items()}
         best = min(grid, key=lambda k: mean[k])
-        # lrs the table cannot tell apart are all shown, and edge only if all of them are
-        tied = [k for k in grid if f"{mean[k]:.3f}" == f"{mean[best]:.3f}"]
+        # every finite lr the table cannot tell from the best is shown; any on the edge: "*"
+        tied = [
+            k for k in grid if math.isfinite(mean[k]) and f"{mean[k]:.3f}" == f"{mean[best]:.3f}"
+        ]
+        tied = tied or [best]
         spread = f" ± {statistics.stdev(by_lr[best]):.3f}" if len(by_lr[best]) > 1 else ""
         seeds = "/".join(str(len(by_lr[k])) for k in grid)
         each = ", ".join(f"2^{k:g}: {mean[k]:.3f}" for k in grid)
-        on_edge = all(k in (grid[0], grid[-1]) for k in tied)
+        on_edge = any(k in (grid[0], grid[-1]) for k in tied)
         lrs = " = ".join(f"2^{k:g}" for k in tied)
         print(f"| {n} | {seeds} | {lrs}{'*' if on_edge else ''} "
               f"| {mean[best]:.3f}{spread} | {each} |")  # fmt: skip

@@ -134,8 +134,8 @@ def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.B
 
 
 def modnorm_adam_affine(mass: float) -> ex.Builder:
-    """modnorm-adam on a ResCNN or GPT with biases and gains of mass ``mass``
-    (``affine_mass``: per channel after each Conv2d and RMSDivide, as ``torch.nn``'s)."""
+    """modnorm-adam on a ResCNN or GPT with biases and gains of mass ``mass``, where
+    ``torch.nn``'s have them (`modnorm.ResCNN`'s and `modnorm.GPT`'s ``affine_mass``)."""
     return functools.partial(_modnorm, name="modnorm-adam", affine_mass=mass)
 
 
@@ -450,7 +450,7 @@ METHODS: dict[str, Method] = {
         Method(
             "modnorm-adam-affine",
             modnorm_adam_affine(0.25),
-            ("rescnn", "gpt"),
+            ("rescnn",),  # the mass is the ResCNN's (rescnn_gap.py); the GPT's is untuned
             note="affine_mass=0.25: biases and gains as atoms (benchmarks/rescnn_gap.py)",
         ),
         Method(

@@ -388,8 +388,8 @@ def overview(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[st
     (octaves), the regret and the best loss at the sweep's largest scale ("—": not run)."""
     header = ["method"]
     for r in results:
-        c = r["config"]
-        header.append(f"{c['model']} {c['scale']} {min(c['values'])} → {max(c['values'])}")
+        values = r["config"]["values"]
+        header.append(f"{r['sweep']} {min(values)} → {max(values)}")
     rows = []
     for name in [m for m in METHODS if any(m in r["summary"] for r in results)]:
         row = [name]

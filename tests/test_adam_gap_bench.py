@@ -4,6 +4,7 @@ network the transfer benchmark trains, and the unchanged one is that network."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,13 @@ def test_resume_skips_the_saved_runs(tmp_path: Path) -> None:
     saved = [{"variant": "v", "log2_lr": k, "seed": s} for k, s in ((-1, 0), (0.5, 1))]
     saved.append({"variant": "w", "log2_lr": 0, "seed": 0})  # another variant's run
     saved.append({"variant": "v", "log2_lr": 0})  # from before seeds: seed 0
+    saved.append({"variant": "v", "log2_lr": 0.5, "seed": 0, "steps": 1000})  # another budget
     path.write_text(json.dumps({"rows": saved}))
     assert ag.unsaved(jobs, path) == [jobs[1], jobs[3], jobs[4]]
+    wider = [("v", 32, 2, -1, ag.STEPS, 0)]
+    saved[0]["width"] = 16  # the row records its width: not this job's
+    path.write_text(json.dumps({"rows": saved}))
+    assert ag.unsaved(wider, path) == wider
 
 
 def test_lrs_the_table_cannot_tell_apart_are_all_shown(
@@ -103,8 +109,16 @@ def test_lrs_the_table_cannot_tell_apart_are_all_shown(
         for k, loss in ((0, 0.4471), (1, 0.4500), (2, 0.4468))
     ]
     ag.report(rows, ["v"], "t", tmp_path / "r.json")
-    # 0.447 at both ends: both shown, and on the edge since both are
+    # 0.447 at both ends: both shown, on the grid's edge
     assert "| v | 1/1/1 | 2^0 = 2^2* | 0.447 |" in capsys.readouterr().out
-    rows[1]["train_loss"] = 0.4469  # now 2^1 ties too: not on the edge
+    rows[0]["train_loss"] = 0.5  # the best on the edge, tied with 2^1 inside: still "*"
+    rows[1]["train_loss"] = 0.4474
     ag.report(rows, ["v"], "t", tmp_path / "r.json")
-    assert "| v | 1/1/1 | 2^0 = 2^1 = 2^2 | 0.447 |" in capsys.readouterr().out
+    assert "| v | 1/1/1 | 2^1 = 2^2* | 0.447 |" in capsys.readouterr().out
+    rows[2]["train_loss"] = 0.6  # the best inside: no "*"
+    ag.report(rows, ["v"], "t", tmp_path / "r.json")
+    assert "| v | 1/1/1 | 2^1 | 0.447 |" in capsys.readouterr().out
+    for r in rows:
+        r["train_loss"] = math.inf  # all diverged: no lr is tied with "inf"
+    ag.report(rows, ["v"], "t", tmp_path / "r.json")
+    assert "| v | 1/1/1 | 2^0* | inf |" in capsys.readouterr().out

@@ -154,7 +154,7 @@ def test_unknown_optimizer_and_missing_data_exit_2(
     )
     argv = ["sweep", "--out", str(tmp_path / "a"), "--model", "rescnn", "--affine-mass", "-1"]
     assert cli.main([*argv, *TINY]) == 2
-    assert "affine_mass must be a non-negative number, got -1.0" in capsys.readouterr().err
+    assert "affine_mass must be a finite non-negative number, got -1.0" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 

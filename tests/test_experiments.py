@@ -165,10 +165,17 @@ def test_build_model_gives_modnorm_rescnn_and_gpt_their_affine_atoms(tmp_path: P
     assert "Gain" in kinds(ex.build_model(gpt, "modnorm-dual", 8, 1, text))
     for bad, message in (
         (ex.SweepConfig(affine_mass=0.25), "option of modnorm's rescnn and gpt, not resmlp"),
-        (ex.SweepConfig(model="rescnn", affine_mass=math.inf), "non-negative number"),
+        (ex.SweepConfig(model="rescnn", affine_mass=math.inf), "finite non-negative number"),
+        (ex.SweepConfig(model="rescnn", affine_mass=True), "finite non-negative number"),
+        (
+            ex.SweepConfig(model="rescnn", optimizers=["adam"], affine_mass=0.25),
+            r"none of the optimizers \['adam'\] trains one",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             bad.validate()
+    with pytest.raises(ValueError, match="option of modnorm's rescnn and gpt, not resmlp"):
+        ex.build_model(ex.SweepConfig(affine_mass=0.25), "modnorm-adam", 8, 2, images)
 
 
 def test_a_saved_sweep_predating_affine_mass_is_the_same_sweep(tmp_path: Path) -> None:

@@ -233,7 +233,7 @@ def test_the_affine_method_is_modnorm_adam_on_the_affine_compound() -> None:
     cfg = replace(_tiny([8]).config, model="rescnn", input_noise=0.0)
     data = digits(image=True)
     affine = peers.METHODS["modnorm-adam-affine"]
-    assert affine.models == ("rescnn", "gpt")  # the compounds with biases and gains to weigh
+    assert affine.models == ("rescnn",)  # its mass was found on the ResCNN
     built = ex.train_one(cfg, data, "modnorm-adam-affine", 8, 2, 0.25, 0, build=affine.build)
     plain = ex.train_one(replace(cfg, affine_mass=0.25), data, "modnorm-adam", 8, 2, 0.25, 0)
     assert built["curve"] == plain["curve"]
@@ -355,7 +355,7 @@ def test_readme_transfer_table_matches_the_committed_json() -> None:
 def test_the_overview_has_a_column_per_sweep_read_off_its_summary() -> None:
     results = tr.load_suite(COMMITTED)
     header, rows = tr.overview(results)
-    assert header == ["method", "resmlp width 32 → 256", "resmlp depth 2 → 32"]
+    assert header == ["method", "resmlp-width 32 → 256", "resmlp-depth 2 → 32"]
     assert [r[0] for r in rows] == [m for m in tr.METHODS if m in results[0]["summary"]]
     for row in rows:
         for r, cell in zip(results, row[1:], strict=True):

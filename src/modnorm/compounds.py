@@ -147,10 +147,13 @@ def ResCNN(  # noqa: N802
 
 
 def _check_affine_mass(affine_mass: float | None) -> None:
-    if affine_mass is not None and not (
-        isinstance(affine_mass, (int, float)) and 0 <= affine_mass < math.inf
+    if affine_mass is not None and (
+        isinstance(affine_mass, bool)
+        or not (isinstance(affine_mass, (int, float)) and 0 <= affine_mass < math.inf)
     ):
-        raise ValueError(f"affine_mass must be a non-negative number or None, got {affine_mass!r}")
+        raise ValueError(
+            f"affine_mass must be a finite non-negative number or None, got {affine_mass!r}"
+        )
 
 
 def _biased(affine_mass: float | None) -> Callable[[int, int], Module]:

@@ -77,16 +77,20 @@ class SweepConfig:
         if self.model != "gpt" and self.data.startswith("text:"):
             raise ValueError(f"text data needs the gpt model, not {self.model}")
         if self.affine_mass is not None:
-            if not (
-                isinstance(self.affine_mass, (int, float)) and 0 <= self.affine_mass < math.inf
+            mass = self.affine_mass
+            if isinstance(mass, bool) or not (
+                isinstance(mass, (int, float)) and 0 <= mass < math.inf
             ):
-                raise ValueError(
-                    f"affine_mass must be a non-negative number, got {self.affine_mass!r}"
-                )
+                raise ValueError(f"affine_mass must be a finite non-negative number, got {mass!r}")
             if self.model not in AFFINE_MODELS:
                 raise ValueError(
                     f"affine_mass is an option of modnorm's {' and '.join(AFFINE_MODELS)}, "
                     f"not {self.model}"
+                )
+            if not any(o.startswith("modnorm") for o in self.optimizers):
+                raise ValueError(
+                    "affine_mass weighs the biases and gains of modnorm's models, and none of "
+                    f"the optimizers {self.optimizers} trains one (torch.nn's have their own)"
                 )
 
 
@@ -153,6 +157,8 @@ def build_model(
     for name, value in (("output_scale", output_scale), ("head_mass", head_mass)):
         if value != 1.0 and not residual:
             raise ValueError(f"{name} is an option of modnorm's residual models, not {cfg.model}")
+    if modular and cfg.affine_mass is not None and cfg.model not in AFFINE_MODELS:
+        raise ValueError(f"affine_mass is an option of modnorm's rescnn and gpt, not {cfg.model}")
     scale, mass = output_scale, head_mass
     classes = data.num_classes
     if cfg.model == "gpt":
