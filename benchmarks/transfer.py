@@ -385,7 +385,17 @@ def summary_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def overview(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The README's table: one row per method, one column per sweep, each cell the drift
-    (octaves), the regret and the best loss at the sweep's largest scale ("—": not run)."""
+    (octaves), the regret and the best loss at the sweep's largest scale ("—": not run); the
+    ResMLP first, then the ResCNN and the GPT, width before depth."""
+    models = ("resmlp", "rescnn", "gpt")
+    results = sorted(
+        results,
+        key=lambda r: (
+            models.index(r["config"]["model"]) if r["config"]["model"] in models else len(models),
+            r["config"]["model"],
+            r["config"]["scale"] != "width",
+        ),
+    )
     header = ["method"]
     for r in results:
         values = r["config"]["values"]
