@@ -158,7 +158,8 @@ def build_model(
         if value != 1.0 and not residual:
             raise ValueError(f"{name} is an option of modnorm's residual models, not {cfg.model}")
     if modular and cfg.affine_mass is not None and cfg.model not in AFFINE_MODELS:
-        raise ValueError(f"affine_mass is an option of modnorm's rescnn and gpt, not {cfg.model}")
+        models = " and ".join(AFFINE_MODELS)
+        raise ValueError(f"affine_mass is an option of modnorm's {models}, not {cfg.model}")
     scale, mass = output_scale, head_mass
     classes = data.num_classes
     if cfg.model == "gpt":
