@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.compounds import GPT, ResMLP
+from modnorm.compounds import GPT, ResCNN, ResMLP
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -131,6 +131,18 @@ def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.B
     return functools.partial(
         _modnorm, name="modnorm-adam", output_scale=output_scale, head_mass=head_mass
     )
+
+
+def modnorm_dual_unfolded(
+    cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+) -> Built:
+    """modnorm-dual on the affine ResCNN whose convolutions are unfolded matrices
+    (``ResCNN(affine_mass=0.25, unfolded=True)``, benchmarks/rescnn_gap.py)."""
+    if cfg.model != "rescnn" or len(data.in_shape) != 3:
+        raise ValueError(f"modnorm-dual-unfolded trains the rescnn on images, not {cfg.model}")
+    classes = data.num_classes
+    model = ResCNN(data.in_shape[0], classes, width, depth, affine_mass=0.25, unfolded=True)
+    return model.to(device), [ex.build_optimizer("modnorm-dual", model, lr)]
 
 
 def modnorm_adam_affine(mass: float) -> ex.Builder:
@@ -325,16 +337,21 @@ def _hidden_matrices(model: nn.Module) -> Iterator[Tensor]:
 def muon(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
-    model = _plain(cfg, data, width, depth)
+    model = _plain(cfg, data, width, depth).to(device)
+    return model, muon_optimizers(model, lr)
+
+
+def muon_optimizers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
+    """``muon``'s optimizers for a plain ``torch.nn`` model (whose hidden convolutions it
+    flattens in place): ``torch.optim.Muon`` for the hidden matrices, AdamW for the rest."""
     _flatten_hidden_convs(model)
-    model = model.to(device)
     hidden = list(_hidden_matrices(model))
     ids = {id(p) for p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(rest, lr=lr)]
     if hidden:
         opts.append(torch.optim.Muon(hidden, lr=lr, adjust_lr_fn="match_rms_adamw"))
-    return model, opts
+    return opts
 
 
 # ---- the reference Modula ------------------------------------------------------------------------
@@ -452,6 +469,12 @@ METHODS: dict[str, Method] = {
             modnorm_adam_affine(0.25),
             ("rescnn",),  # the mass is the ResCNN's (rescnn_gap.py); the GPT's is untuned
             note="affine_mass=0.25: biases and gains as atoms (benchmarks/rescnn_gap.py)",
+        ),
+        Method(
+            "modnorm-dual-unfolded",
+            modnorm_dual_unfolded,
+            ("rescnn",),
+            note="affine_mass=0.25, unfolded=True: Muon's view of a kernel (rescnn_gap.py)",
         ),
         Method(
             "modnorm-adam-split",

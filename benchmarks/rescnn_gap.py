@@ -14,8 +14,16 @@ one thing, to tell the network from the optimizer:
   and/or `Bias` after each RMSDivide, all of them (``ResCNN(affine_mass=0.25)``), without
   the MeanSubtract, or with plain residuals ``x + block(x)``.
 
-Every variant on its grid (seed 0, about 20 minutes on 2 cores), then seeds 1 and 2 around
-the best lrs and the deep network (benchmarks/RESULTS.md lists each command):
+And where Muon's lead on the wide ResCNN comes from (``--width 128 --steps 200``):
+
+* ``muon`` (the transfer harness's) on the plain ResCNN, without its affine weights, or with
+  modnorm's residuals and mean; Muon on modnorm's affine ResCNN (`_muon_on_modnorm`, each
+  kernel as one matrix or per kernel position);
+* modnorm-dual on the affine ResCNN, with other masses (Muon's split, `muon_split.py`) or
+  with unfolded convolutions (``ResCNN(unfolded=True)``), and modnorm-adam likewise.
+
+Every variant on its grid (seed 0, about 30 minutes on 2 cores at width 16), then seeds 1
+and 2 around the best lrs and the deep network (benchmarks/RESULTS.md lists each command):
 
     python -m benchmarks.rescnn_gap --jobs 2 --seeds 0
     python -m benchmarks.rescnn_gap --jobs 2 --seeds 1,2 --variants modnorm-adam --lrs=1,2,3
@@ -25,13 +33,16 @@ the best lrs and the deep network (benchmarks/RESULTS.md lists each command):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim._muon import _zeropower_via_newtonschulz as _zeropower
 
+from benchmarks import peers
 from benchmarks.adam_gap import Job, ablate, train_row
 from modnorm import baselines, compounds
 from modnorm import data as mn_data
@@ -44,6 +55,8 @@ from modnorm.modules import Module
 STEPS, WIDTH = 1000, 16
 MODNORM_LRS = [-2, -1, 0, 1, 2, 3, 4]
 TORCH_LRS = [-8, -7, -6, -5, -4, -3, -2]
+MUON_LRS = [-8, -7, -6, -5, -4]
+NS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's Newton–Schulz coefficients
 
 
 def modnorm_rescnn(
@@ -150,6 +163,61 @@ def _modnorm_adam(net: Module, lr: float) -> Any:
     return mn_optim.Adam(net, lr=lr)
 
 
+def _modnorm_dual(net: Module, lr: float) -> Any:
+    return mn_optim.Dual(net, lr=lr)
+
+
+def _muon(net: nn.Module, lr: float) -> Any:
+    return peers.muon_optimizers(net, lr)
+
+
+class _KernelMuon(torch.optim.Optimizer):
+    """``torch.optim.Muon``'s step (its defaults, ``adjust_lr_fn="match_rms_adamw"``) on
+    convolution kernels ``W`` of a layer computing ``scale · conv(x, W)``, taken as
+    ``(out, in·k·k)`` matrices and made in the effective kernel ``scale · W``: what
+    ``torch.optim.Muon`` does to a plain ``nn.Conv2d`` holding ``scale · W``."""
+
+    def __init__(self, convs: list[Conv2d], lr: float, per_position: bool = False) -> None:
+        self.scales = {id(c.weight): c.scale for c in convs}
+        self.per_position = per_position  # one (out, in) matrix per kernel position instead
+        super().__init__([c.weight for c in convs], {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            lr = group["lr"]
+            for p in group["params"]:
+                w, grad = p.view(p.shape[0], -1), p.grad.view(p.shape[0], -1)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(w))
+                buf.lerp_(grad, 1 - 0.95)
+                update, shape = grad.lerp(buf, 0.95), w.shape
+                if self.per_position:  # each (out, in) matrix, as modnorm's Conv2d dual map
+                    mats = update.view(p.shape).flatten(2).permute(2, 0, 1)
+                    update = torch.stack([_zeropower(m, NS, 5, 1e-7) for m in mats])
+                    update, shape = update.permute(1, 2, 0).reshape(w.shape), p.shape[:2]
+                else:
+                    update = _zeropower(update, NS, 5, 1e-7)
+                w.mul_(1 - lr * 0.1)
+                adjust = 0.2 * math.sqrt(max(shape)) / self.scales[id(p)]
+                w.add_(update, alpha=-lr * adjust)
+
+
+def _muon_on_modnorm(net: Module, lr: float, per_position: bool = False) -> list[Any]:
+    """``muon`` on a modnorm ResCNN, step for step as on the plain network holding its
+    effective weights (``scale · W``): `_KernelMuon` for the hidden convolutions (all but the
+    first), AdamW for the rest, each weight's lr (and decay) divided (multiplied) by its
+    atom's ``scale``, since AdamW's step on ``W`` moves ``scale · W`` ``scale`` times as far."""
+    convs = [m for m in net.modules() if isinstance(m, Conv2d)][1:]
+    hidden = {id(c.weight) for c in convs}
+    groups = [
+        {"params": [m.weight], "lr": lr / s, "weight_decay": 0.01 * s}
+        for m in net.modules()
+        if hasattr(m, "weight") and id(m.weight) not in hidden
+        for s in [getattr(m, "scale", 1.0)]
+    ]
+    return [torch.optim.AdamW(groups, lr=lr), _KernelMuon(convs, lr, per_position)]
+
+
 Variant = tuple[Callable[[int, int], Any], Callable[[Any, float], Any], list[int]]
 
 VARIANTS: dict[str, Variant] = {
@@ -235,6 +303,57 @@ VARIANTS: dict[str, Variant] = {
         _modnorm_adam,
         MODNORM_LRS,
     ),
+    "muon": (torch_rescnn, _muon, MUON_LRS),
+    "muon: no biases or affine": (lambda w, b: torch_rescnn(w, b, affine=()), _muon, MUON_LRS),
+    "muon: modnorm's residuals and mean subtracted": (
+        lambda w, b: torch_rescnn(w, b, residual="convex", mean=True),
+        _muon,
+        MUON_LRS,
+    ),
+    "muon on modnorm's ResCNN (affine_mass 0.25)": (
+        lambda w, b: compounds.ResCNN(1, 10, w, b, affine_mass=0.25),
+        _muon_on_modnorm,
+        MUON_LRS,
+    ),
+    "muon on modnorm's ResCNN (affine_mass 0.25) orthogonalized per kernel position": (
+        lambda w, b: compounds.ResCNN(1, 10, w, b, affine_mass=0.25),
+        lambda net, lr: _muon_on_modnorm(net, lr, per_position=True),
+        MUON_LRS,
+    ),
+    "modnorm-dual: affine_mass 0.25": (
+        lambda w, b: compounds.ResCNN(1, 10, w, b, affine_mass=0.25),
+        _modnorm_dual,
+        MODNORM_LRS,
+    ),
+    **{
+        f"{opt}: affine_mass 0.25 and unfolded convs": (
+            lambda w, b: compounds.ResCNN(1, 10, w, b, affine_mass=0.25, unfolded=True),
+            make,
+            MODNORM_LRS,
+        )
+        for opt, make in [("modnorm-adam", _modnorm_adam), ("modnorm-dual", _modnorm_dual)]
+    },
+    # the masses whose shares come closest to Muon's split (benchmarks/muon_split.py)
+    **{
+        f"{opt}: affine_mass 0.25 and head_mass {h}": (
+            lambda w, b, h=h: compounds.ResCNN(1, 10, w, b, affine_mass=0.25, head_mass=h),
+            make,
+            MODNORM_LRS,
+        )
+        for opt, make in [("modnorm-adam", _modnorm_adam), ("modnorm-dual", _modnorm_dual)]
+        for h in (4, 16)
+    },
+    **{
+        f"{opt}: Muon's split at width {w0} (blocks {bm} head {h} affine 1/64)": (
+            lambda w, b, bm=bm, h=h: compounds.ResCNN(
+                1, 10, w, b, blocks_mass=bm, head_mass=h, affine_mass=1 / 64
+            ),
+            make,
+            MODNORM_LRS,
+        )
+        for opt, make in [("modnorm-adam", _modnorm_adam), ("modnorm-dual", _modnorm_dual)]
+        for w0, bm, h in [(16, 4, 1), (128, 8, 4)]
+    },
 }
 
 
@@ -246,7 +365,8 @@ def run(job: Job) -> dict[str, Any]:
 
     def build(cfg: Any, data: Any, width: int, depth: int, lr: float, device: str) -> Any:
         net = make_net(width, depth)
-        return net, [make_opt(net, lr)]
+        opts = make_opt(net, lr)
+        return net, opts if isinstance(opts, list) else [opts]
 
     return train_row(job, cfg, data, build)
 

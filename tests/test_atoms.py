@@ -90,6 +90,45 @@ def test_conv2d_forward_norm_dual() -> None:
     assert torch.isclose(conv.atom_norm(d), torch.tensor(1.0), rtol=1e-3)
 
 
+def test_unfolded_conv2d_is_one_matrix() -> None:
+    conv = mn.Conv2d(4, 6, kernel_size=3, unfolded=True)
+    s = torch.linalg.svdvals(conv.weight.flatten(1))  # (6, 36): orthogonal rows
+    assert torch.allclose(s, torch.ones(6), atol=1e-5)
+    x = torch.randn(2, 4, 8, 8)
+    expected = math.sqrt(6 / 4) / 3 * F.conv2d(x, conv.weight, padding=1)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
+    g = torch.randn(6, 4, 3, 3)
+    assert torch.isclose(conv.atom_norm(g), torch.linalg.svdvals(g.flatten(1))[0], rtol=1e-3)
+    u, _, vh = torch.linalg.svd(g.flatten(1), full_matrices=False)
+    d = conv.atom_dual(g)
+    assert torch.allclose(d.flatten(1), u @ vh, atol=1e-3)
+    assert torch.isclose(conv.atom_norm(d), torch.tensor(1.0), rtol=1e-3)
+    with torch.no_grad():
+        conv.weight.mul_(3).add_(torch.randn_like(conv.weight))
+    conv.project_()
+    assert torch.allclose(torch.linalg.svdvals(conv.weight.flatten(1)), torch.ones(6), atol=1e-5)
+    with pytest.raises(ValueError, match="unfolded must be a bool"):
+        mn.Conv2d(4, 6, unfolded=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("unfolded", [False, True])
+def test_conv2d_is_well_normed_pixel_by_pixel(unfolded: bool) -> None:
+    # the worst case: a unit update aligned with one pixel's patch, every pixel of it equal
+    conv = mn.Conv2d(5, 7, kernel_size=3, unfolded=unfolded)
+    x = torch.zeros(1, 5, 6, 6)
+    x[0, :, 1:4, 1:4] = torch.randn(5, 1, 1)  # a 3 × 3 patch of one vector, centred at (2, 2)
+    g = torch.zeros(1, 7, 6, 6)
+    g[0, 0, 2, 2] = 1.0
+    grad = torch.autograd.grad((conv(x) * g).sum(), conv.weight)[0]
+    d = conv.atom_dual(grad)  # the unit update that moves pixel (2, 2) most
+    with torch.no_grad():
+        dy = conv.scale * F.conv2d(x, d, padding=1)
+    pixel_rms = dy.square().mean(1).sqrt()  # RMS over channels, per pixel
+    x_rms = x.square().mean(1).sqrt().max()
+    assert pixel_rms.max() <= x_rms * (1 + 1e-3)
+    assert pixel_rms[0, 2, 2] >= 0.5 * x_rms  # attained up to a constant, so not vacuous
+
+
 def test_projections() -> None:
     lin, emb, conv = mn.Linear(8, 12), mn.Embedding(5, 7), mn.Conv2d(3, 4)
     with torch.no_grad():

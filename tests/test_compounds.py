@@ -17,9 +17,10 @@ def make(name: str, width: int, depth: int) -> tuple[mn.Module, torch.Tensor]:
         return mn.MLP(16, 10, width, depth=depth + 1, activation="gelu"), unit(32, 16)
     if name == "resmlp":
         return mn.ResMLP(16, 10, width, num_blocks=depth), unit(32, 16)
-    if name == "rescnn":
+    if name in ("rescnn", "rescnn-unfolded"):
         x = torch.randn(8, 3, 6, 6)
-        return mn.ResCNN(3, 10, width, num_blocks=depth), x / x.square().mean().sqrt()
+        net = mn.ResCNN(3, 10, width, num_blocks=depth, unfolded=name == "rescnn-unfolded")
+        return net, x / x.square().mean().sqrt()
     if name == "gpt":
         return mn.GPT(23, 12, width, num_heads=4, num_blocks=depth), torch.randint(0, 23, (4, 12))
     raise ValueError(name)
@@ -32,6 +33,7 @@ def unit(*shape: int) -> torch.Tensor:
 
 CASES = [(n, w, d) for n in ("mlp", "resmlp", "rescnn", "gpt") for w, d in ((16, 1), (32, 3))]
 CASES += [("resmlp", 128, 2), ("gpt", 64, 2), ("resmlp", 16, 8)]
+CASES += [("rescnn-unfolded", 16, 1), ("rescnn-unfolded", 32, 3)]
 
 
 @pytest.mark.parametrize(("name", "width", "depth"), CASES)
@@ -59,6 +61,8 @@ def test_dualize_is_the_steepest_unit_direction(name: str, width: int, depth: in
     for (atom, share), t in zip(net.atom_shares(), g, strict=True):
         if isinstance(atom, mn.Linear):
             dual = torch.linalg.matrix_norm(t.double(), ord="nuc")
+        elif isinstance(atom, mn.Conv2d) and atom.unfolded:
+            dual = torch.linalg.matrix_norm(t.double().flatten(1), ord="nuc")
         elif isinstance(atom, mn.Conv2d):
             dual = torch.linalg.matrix_norm(t.double().permute(2, 3, 0, 1), ord="nuc").sum()
         else:

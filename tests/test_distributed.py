@@ -637,6 +637,14 @@ def test_atoms_are_split_across_ranks_by_cost(world: int) -> None:
     assert owners == _owners(gpt, world)  # deterministic: every rank computes the same
 
 
+def test_a_convolutions_cost_follows_its_matrices() -> None:
+    from modnorm.distributed import _cost
+
+    # 9 matrices of 6 × 4 per position, or one of 6 × 36 unfolded: size · the shorter side
+    assert _cost(mn.Conv2d(4, 6, 3)) == 6 * 4 * 9 * 4
+    assert _cost(mn.Conv2d(4, 6, 3, unfolded=True)) == 6 * 4 * 9 * 6
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_two_processes_match_one_process_on_the_combined_batch(

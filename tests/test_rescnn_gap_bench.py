@@ -65,3 +65,45 @@ def test_both_affine_options_are_the_compounds_affine_mass() -> None:
     assert torch.allclose(ours(x), theirs(x))
     shares = [(type(a), s) for a, s in ours.atom_shares()]
     assert shares == [(type(a), s) for a, s in theirs.atom_shares()]
+
+
+def _muon_pair(kernel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A modnorm Conv2d under `_KernelMuon` and a plain convolution holding its effective
+    kernel under ``torch.optim.Muon``, five steps on the same losses: both effective kernels."""
+    from modnorm.atoms import Conv2d
+
+    torch.manual_seed(0)
+    conv, lr = Conv2d(8, 8, kernel), 0.01
+    flat = torch.nn.Parameter((conv.scale * conv.weight.detach()).flatten(1).clone())
+    ours = rg._KernelMuon([conv], lr)
+    theirs = torch.optim.Muon([flat], lr=lr, adjust_lr_fn="match_rms_adamw")
+    x = torch.randn(4, 8, 5, 5)
+    for _ in range(5):
+        target = torch.randn(4, 8, 5, 5)
+        ours.zero_grad()
+        theirs.zero_grad()
+        ((conv(x) - target) ** 2).sum().backward()
+        y = torch.nn.functional.conv2d(x, flat.view(conv.weight.shape), padding=kernel // 2)
+        ((y - target) ** 2).sum().backward()
+        ours.step()
+        theirs.step()
+    return (conv.scale * conv.weight).detach().flatten(1), flat.detach()
+
+
+def test_kernel_muon_is_torch_muon_on_the_effective_kernel() -> None:
+    ours, theirs = _muon_pair(1)  # scale 1: the same bfloat16 Newton–Schulz inputs
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    ours, theirs = _muon_pair(3)  # scale 1/9: equal up to Newton–Schulz's bfloat16 rounding
+    assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
+
+
+def test_muon_on_modnorm_splits_as_muon_does() -> None:
+    net = compounds.ResCNN(1, 10, 8, 2, affine_mass=0.25)
+    adamw, kernel_muon = rg._muon_on_modnorm(net, 0.01)
+    convs = [m for m in net.modules() if isinstance(m, rg.Conv2d)]
+    assert [id(p) for p in kernel_muon.param_groups[0]["params"]] == [
+        id(c.weight) for c in convs[1:]
+    ]
+    lrs = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    assert lrs[id(convs[0].weight)] == 0.01 / convs[0].scale  # the stem, by AdamW
+    assert len(lrs) + len(convs) - 1 == len(list(net.parameters()))

@@ -44,6 +44,11 @@ class _MatrixAtom(Atom):
     def _unmats(self, mats: Tensor, like: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _mat_shape(self) -> tuple[int, int]:
+        """``(m, n)`` of each of the weight's matrices, from its (global) shape alone."""
+        m, n = self._mats(torch.empty(self.weight.shape, device="meta")).shape[1:]
+        return m, n
+
     def atom_norm(self, t: Tensor) -> Tensor:
         return type(self).atom_norms([self], [t])[0]
 
@@ -185,7 +190,13 @@ class Embedding(Atom):
 
 class Conv2d(_MatrixAtom):
     """``y = √(out/in)/k² · conv(x, W)``. Norm: the largest spectral norm over the ``k²``
-    kernel positions. Dual map: orthogonalize at every position. Weight ``(out, in, k, k)``."""
+    kernel positions. Dual map: orthogonalize at every position. Weight ``(out, in, k, k)``.
+
+    With ``unfolded=True`` the kernel is one ``(out, in·k²)`` matrix, the map from a pixel's
+    ``k × k`` patch to its output (as Muon orthogonalizes a convolution): ``y = √(out/in)/k ·
+    conv(x, W)``, normed by that matrix's spectral norm, dualized by orthogonalizing it, and
+    initialized orthogonal. Both are well-normed pixel by pixel (a patch holds ``k²``
+    pixels, so its norm is at most ``k`` times the largest pixel's)."""
 
     def __init__(
         self,
@@ -195,6 +206,7 @@ class Conv2d(_MatrixAtom):
         stride: int = 1,
         padding: int | None = None,
         mass: float = 1.0,
+        unfolded: bool = False,
     ) -> None:
         super().__init__(mass)
         self.in_features = _positive_int("in_channels", in_channels)
@@ -202,7 +214,11 @@ class Conv2d(_MatrixAtom):
         self.kernel_size = _positive_int("kernel_size", kernel_size)
         self.stride = _positive_int("stride", stride)
         self.padding = kernel_size // 2 if padding is None else padding
-        self.scale = math.sqrt(out_channels / in_channels) / kernel_size**2
+        if not isinstance(unfolded, bool):
+            raise ValueError(f"unfolded must be a bool, got {unfolded!r}")
+        self.unfolded = unfolded
+        per_position = kernel_size if unfolded else kernel_size**2
+        self.scale = math.sqrt(out_channels / in_channels) / per_position
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.register_buffer("_v", torch.empty(0), persistent=False)
         self.reset_parameters()
@@ -211,11 +227,15 @@ class Conv2d(_MatrixAtom):
         return (
             f"{self.in_features}, {self.out_features}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, mass={self.mass:.4g}"
+            + (", unfolded=True" if self.unfolded else "")
         )
 
     def reset_parameters(self) -> None:
-        """Orthogonal at every kernel position."""
+        """Orthogonal at every kernel position (unfolded: as one matrix)."""
         with torch.no_grad():
+            if self.unfolded:
+                nn.init.orthogonal_(self.weight.view(self.out_features, -1))
+                return
             for i in range(self.kernel_size):
                 for j in range(self.kernel_size):
                     nn.init.orthogonal_(self.weight[:, :, i, j])
@@ -224,16 +244,20 @@ class Conv2d(_MatrixAtom):
         return self.scale * F.conv2d(x, self.weight, None, self.stride, self.padding)
 
     def _mats(self, t: Tensor) -> Tensor:
+        if self.unfolded:
+            return t.flatten(1)[None]  # (1, out, in·k²): columns in (in, kh, kw) order
         return t.flatten(2).permute(2, 0, 1)  # (k², out, in): one matrix per position
 
     def _unmats(self, mats: Tensor, like: Tensor) -> Tensor:
+        if self.unfolded:
+            return mats[0].reshape(like.shape)
         return mats.permute(1, 2, 0).reshape(like.shape)
 
     @torch.no_grad()
     def project_(self) -> Conv2d:
-        mats = self.weight.float().flatten(2).permute(2, 0, 1)
+        mats = self._mats(self.weight.float())
         u, _, vh = torch.linalg.svd(mats, full_matrices=False)
-        self.weight.copy_((u @ vh).permute(1, 2, 0).reshape(self.weight.shape))
+        self.weight.copy_(self._unmats(u @ vh, self.weight))
         return self
 
 

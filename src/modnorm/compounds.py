@@ -113,6 +113,7 @@ def ResCNN(  # noqa: N802
     output_scale: float = 1.0,
     head_mass: float = 1.0,
     affine_mass: float | None = None,
+    unfolded: bool = False,
 ) -> Module:
     """Residual CNN on ``(B, C, H, W)`` images: ``Linear ∘ Flatten ∘ AvgPool ∘ blocks ∘ Conv2d``;
     each block is ``(MeanSubtract ∘ act ∘ Conv2d ∘ RMSDivide) ** block_depth`` with the RMS
@@ -121,7 +122,8 @@ def ResCNN(  # noqa: N802
     a per-channel `Bias`, every RMSDivide a per-channel `Gain` and `Bias` (GroupNorm's affine
     weights) and the head a `Bias`, as ``torch.nn``'s ResCNN has them, each atom of that mass
     where a Conv2d has 1 (the blocks and the head are then tared as without them); ``None``
-    (the default, as the reference) builds none."""
+    (the default, as the reference) builds none. ``unfolded`` builds every Conv2d with
+    ``unfolded=True`` (one ``(out, in·k²)`` matrix, as Muon orthogonalizes it)."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
@@ -129,7 +131,7 @@ def ResCNN(  # noqa: N802
     dims = (1, 2, 3)
 
     def conv(d_in: int) -> Module:
-        c = Conv2d(d_in, width, kernel_size)
+        c = Conv2d(d_in, width, kernel_size, unfolded=unfolded)
         return c if affine_mass is None else Bias(width, affine_mass, dim=1) @ c
 
     def norm() -> Module:

@@ -312,15 +312,14 @@ def _owners(
 
 
 def _cost(atom: Atom) -> int:
-    """Multiply-adds of the atom's dual map, roughly: Newton–Schulz on the ``out × in``
-    matrices of a Linear or Conv2d costs ``size·min(out, in)``; anything else (row
+    """Multiply-adds of the atom's dual map, roughly: Newton–Schulz on the ``m × n``
+    matrices of a Linear or Conv2d costs ``size·min(m, n)``; anything else (row
     normalization) its size. From the global shapes only: no tensor is touched."""
     from modnorm.atoms import _MatrixAtom
 
     size = sum(p.numel() for p in atom.parameters())
     if isinstance(atom, _MatrixAtom):
-        out, inp = atom.weight.shape[:2]
-        return size * min(out, inp)
+        return size * min(atom._mat_shape())
     return size
 
 
@@ -358,7 +357,7 @@ def _columns(atom: Atom, t: Tensor) -> tuple[Tensor, Tensor, int]:
     from modnorm.linalg import _compute_dtype
 
     assert isinstance(t, DTensor)
-    rows, cols = atom.weight.shape[:2]
+    rows, cols = cast("_MatrixAtomT", atom)._mat_shape()  # an unfolded Conv2d's: (out, in·k²)
     long = 0 if rows >= cols else 1
     where = _shard(t)
     assert where is not None  # split atoms are sharded
