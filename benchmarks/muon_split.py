@@ -100,6 +100,9 @@ def record(net: Module, opts: list[torch.optim.Optimizer]) -> list[list[float]]:
             before[:] = [a.weight.detach().clone() for a in atoms]
 
     def post(*_: Any) -> None:
+        # atom_norm also moves the atoms' spectral-norm warm starts; normalize converges
+        # from any start, so the sizes it sets move only within its tolerance (the losses
+        # equal rescnn_gap's runs without the hooks)
         if count[0] % EVERY == 0:
             deltas = [a.weight.detach() - b for a, b in zip(atoms, before, strict=True)]
             steps.append([float(a.atom_norm(d)) for a, d in zip(atoms, deltas, strict=True)])

@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim._muon import _zeropower_via_newtonschulz as _zeropower
 
 from benchmarks import peers
 from benchmarks.adam_gap import Job, ablate, train_row
@@ -184,6 +183,10 @@ class _KernelMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
+        # torch's own Newton–Schulz (bfloat16, its coefficients); private, and only in a torch
+        # that has torch.optim.Muon, hence imported here
+        from torch.optim._muon import _zeropower_via_newtonschulz as _zeropower
+
         for group in self.param_groups:
             lr = group["lr"]
             for p in group["params"]:

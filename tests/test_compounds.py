@@ -19,7 +19,9 @@ def make(name: str, width: int, depth: int) -> tuple[mn.Module, torch.Tensor]:
         return mn.ResMLP(16, 10, width, num_blocks=depth), unit(32, 16)
     if name in ("rescnn", "rescnn-unfolded"):
         x = torch.randn(8, 3, 6, 6)
-        net = mn.ResCNN(3, 10, width, num_blocks=depth, unfolded=name == "rescnn-unfolded")
+        unfolded = name == "rescnn-unfolded"
+        net = mn.ResCNN(3, 10, width, num_blocks=depth, unfolded=unfolded)
+        assert all(m.unfolded == unfolded for m in net.modules() if isinstance(m, mn.Conv2d))
         return net, x / x.square().mean().sqrt()
     if name == "gpt":
         return mn.GPT(23, 12, width, num_heads=4, num_blocks=depth), torch.randint(0, 23, (4, 12))

@@ -99,6 +99,19 @@ def _wide_net() -> mn.Module:
 SPLIT_NETS = {"tall": (_tall_net, (300, 120)), "wide": (_wide_net, (120, 300))}
 
 
+def _conv_net() -> mn.Module:
+    """An unfolded 3 × 3 Conv2d whose ``98 × 99`` matrix (11 input channels × 9 positions)
+    the ranks split, in float64: 11 channels cut 6 + 5, so the ranks' columns are uneven
+    whole channels (54 + 45), and its Gram matrix (98 × 98, above 96) goes to Lanczos."""
+    torch.manual_seed(3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return mn.Conv2d(98, 2, 1) @ mn.Conv2d(11, 98, 3, unfolded=True)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(step)
     x = torch.randn(16, 12, generator=gen, dtype=torch.float64)
@@ -235,6 +248,12 @@ def _fsdp(rank: int) -> dict[str, Any]:
 
     # one matrix too large for an even share: every rank computes its own slice of it
     from modnorm.distributed import _split_atoms
+
+    for dim in (0, 1):  # twice through the warm start of a split unfolded convolution
+        sharded = [distribute_tensor(g, mesh, [Shard(dim)]) for g in _grads(_conv_net)]
+        result[f"conv_split{dim}"] = sorted(_split_atoms(_conv_net(), sharded, WORLD))
+        net = _conv_net()
+        result[f"conv_maps{dim}"] = [_maps(net, sharded) for _ in range(2)]
 
     for kind, (make_net, _) in SPLIT_NETS.items():
         for dim in (0, 1):
@@ -1045,6 +1064,23 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     assert one.returncode == 0, one.stderr
     assert json.loads((tmp_path / "one" / "train.json").read_text())["world_size"] == 1
     assert (tmp_path / "one" / "checkpoint").is_dir()
+
+
+def test_a_split_unfolded_convolution_matches_one_process(runs: list[dict[str, Any]]) -> None:
+    # its matrix's columns are whole input channels, cut unevenly among the ranks; the warm
+    # start of its norm is reused on the second pass
+    net = _conv_net()
+    want = [_maps(net, _grads(_conv_net)) for _ in range(2)]
+    for run in runs:
+        got = run["fsdp"]
+        for dim in (0, 1):
+            assert got[f"conv_split{dim}"] == [0]  # the unfolded one (applied first)
+            for maps, ref in zip(got[f"conv_maps{dim}"], want, strict=True):
+                torch.testing.assert_close(maps["norm"], ref["norm"], rtol=1e-5, atol=0)
+                for g, w in zip(maps["normalize"], ref["normalize"], strict=True):
+                    torch.testing.assert_close(g, w, rtol=0, atol=1e-5 * w.abs().max().item())
+                for g, w in zip(maps["dualize"], ref["dualize"], strict=True):
+                    torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", list(SPLIT_NETS))

@@ -25,7 +25,8 @@ def _positive_int(name: str, value: object) -> int:
 
 class _MatrixAtom(Atom):
     """An atom whose weight is a stack of ``P`` matrices ``(P, m, n)`` (one for a Linear, one
-    per kernel position for a Conv2d), normed by the largest spectral norm among them.
+    per kernel position for a Conv2d, one for an unfolded Conv2d), normed by the largest
+    spectral norm among them.
 
     Norms and dual maps of many such atoms are computed together: matrices of one shape are
     stacked, so a network's spectral norms cost one batched Lanczos run per shape and its

@@ -392,9 +392,12 @@ def _split_norms(
     for atom, i in zip(atoms, split, strict=True):
         x, _, long = _columns(atom, tensors[i])
         grams.append(_summed(group)(x @ x.mT))
-        v = atom._v if atom._v.shape == (x.shape[0], atom.weight.shape[1]) else None
+        cols = atom._mat_shape()[1]  # in, or in·k² for an unfolded Conv2d
+        v = atom._v if atom._v.shape == (x.shape[0], cols) else None
         if v is not None and long == 1:  # WWᵀ's eigenvectors are left ones: u = W v
-            mine = v.to(x).narrow(1, _offset(v.shape[1], group), x.shape[-1])
+            unit = cols // atom.weight.shape[1]  # a rank holds whole input channels
+            start = _offset(atom.weight.shape[1], group) * unit
+            mine = v.to(x).narrow(1, start, x.shape[-1])
             v = _summed(group)((x @ mine[..., None])[..., 0])
         warms.append(v)
         sides.append((x, long))
@@ -403,7 +406,8 @@ def _split_norms(
         atoms, spectral_norms_batches(grams, warms), sides, strict=True
     ):
         if long == 1:  # back to the right ones: v = Wᵀu, each rank its columns, gathered
-            v = _all_columns((x.mT @ v[..., None])[..., 0], atom.weight.shape[1], group)
+            n = atom.weight.shape[1]
+            v = _all_columns((x.mT @ v[..., None])[..., 0], n, group, atom._mat_shape()[1] // n)
             v = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
         atom._v = v
         out.append(sigma.clamp_min(0).sqrt().max())
@@ -417,13 +421,16 @@ def _offset(n: int, group: dist.ProcessGroup) -> int:
     return min(n, dist.get_rank(group) * chunk)
 
 
-def _all_columns(local: Tensor, n: int, group: dist.ProcessGroup) -> Tensor:
-    """Every rank's slice of the last dimension (length ``n`` in all), concatenated."""
+def _all_columns(local: Tensor, n: int, group: dist.ProcessGroup, unit: int = 1) -> Tensor:
+    """Every rank's slice of the last dimension, concatenated: ``n`` input channels in all,
+    cut among the ranks as DTensor cuts them, each ``unit`` columns wide (``k²`` in an
+    unfolded Conv2d's matrix, whose columns run over channels, then kernel positions)."""
     chunk = -(-n // dist.get_world_size(group))
+    local = local.unflatten(-1, (-1, unit)).transpose(-1, -2)  # (..., unit, channels)
     padded = _pad(local, local.dim() - 1, chunk)
     parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat(parts, -1).narrow(-1, 0, n)
+    return torch.cat(parts, -1).narrow(-1, 0, n).transpose(-1, -2).flatten(-2)
 
 
 class _Work:
