@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing as mp
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,17 @@ def atom_norm(layer: nn.Module, delta: torch.Tensor) -> float:
 def split(net: nn.Module, opt: torch.optim.Optimizer, every: int = EVERY) -> list[list[float]]:
     """Hook ``opt`` so that every ``every``-th step appends each layer's update size (in
     `atom_norm`) to the returned list."""
-    layers = linears(net)
+    return record_sizes(linears(net), atom_norm, [opt], every)
+
+
+def record_sizes(
+    layers: list[nn.Module],
+    norm: Callable[[Any, torch.Tensor], float],
+    opts: list[torch.optim.Optimizer],
+    every: int = EVERY,
+) -> list[list[float]]:
+    """Hook ``opts`` (stepped in this order, as one step) so that every ``every``-th step
+    appends ``norm(layer, change of its weight)`` for each layer to the returned list."""
     steps: list[list[float]] = []
     before: list[torch.Tensor] = []
     count = [0]
@@ -72,11 +83,11 @@ def split(net: nn.Module, opt: torch.optim.Optimizer, every: int = EVERY) -> lis
     def post(*_: Any) -> None:
         if count[0] % every == 0:
             deltas = [m.weight.detach() - b for m, b in zip(layers, before, strict=True)]  # type: ignore[union-attr]
-            steps.append([atom_norm(m, d) for m, d in zip(layers, deltas, strict=True)])
+            steps.append([norm(m, d) for m, d in zip(layers, deltas, strict=True)])
         count[0] += 1
 
-    opt.register_step_pre_hook(pre)
-    opt.register_step_post_hook(post)
+    opts[0].register_step_pre_hook(pre)
+    opts[-1].register_step_post_hook(post)
     return steps
 
 

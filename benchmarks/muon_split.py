@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks import rescnn_gap
-from benchmarks.adam_split import EVERY, fractions
+from benchmarks.adam_split import EVERY, fractions, record_sizes
 from modnorm import compounds
 from modnorm import data as mn_data
 from modnorm import experiments as ex
@@ -90,27 +90,11 @@ def roles(atoms: list[Atom]) -> list[str]:
 def record(net: Module, opts: list[torch.optim.Optimizer]) -> list[list[float]]:
     """Hook ``opts`` (stepped in order) so that every `EVERY`-th step appends each atom's
     update norm (its own ``atom_norm``) to the returned list."""
+    # atom_norm also moves the atoms' spectral-norm warm starts; normalize converges from any
+    # start, so the sizes it sets move only within its tolerance (the losses equal
+    # rescnn_gap's runs without the hooks)
     atoms = [a for a, _ in net.atom_shares()]
-    steps: list[list[float]] = []
-    before: list[torch.Tensor] = []
-    count = [0]
-
-    def pre(*_: Any) -> None:
-        if count[0] % EVERY == 0:
-            before[:] = [a.weight.detach().clone() for a in atoms]
-
-    def post(*_: Any) -> None:
-        # atom_norm also moves the atoms' spectral-norm warm starts; normalize converges
-        # from any start, so the sizes it sets move only within its tolerance (the losses
-        # equal rescnn_gap's runs without the hooks)
-        if count[0] % EVERY == 0:
-            deltas = [a.weight.detach() - b for a, b in zip(atoms, before, strict=True)]
-            steps.append([float(a.atom_norm(d)) for a, d in zip(atoms, deltas, strict=True)])
-        count[0] += 1
-
-    opts[0].register_step_pre_hook(pre)
-    opts[-1].register_step_post_hook(post)
-    return steps
+    return record_sizes(atoms, lambda a, d: float(a.atom_norm(d)), opts, EVERY)
 
 
 def run(job: tuple[str, int, int]) -> dict[str, Any]:

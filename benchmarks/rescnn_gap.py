@@ -177,7 +177,9 @@ class _KernelMuon(torch.optim.Optimizer):
     ``torch.optim.Muon`` does to a plain ``nn.Conv2d`` holding ``scale · W``."""
 
     def __init__(self, convs: list[Conv2d], lr: float, per_position: bool = False) -> None:
-        self.scales = {id(c.weight): c.scale for c in convs}
+        if per_position and any(c.unfolded for c in convs):
+            raise ValueError("per_position orthogonalizes a (folded) Conv2d's own matrices")
+        self.convs = {id(c.weight): c for c in convs}
         self.per_position = per_position  # one (out, in) matrix per kernel position instead
         super().__init__([c.weight for c in convs], {"lr": lr})
 
@@ -193,15 +195,16 @@ class _KernelMuon(torch.optim.Optimizer):
                 w, grad = p.view(p.shape[0], -1), p.grad.view(p.shape[0], -1)
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(w))
                 buf.lerp_(grad, 1 - 0.95)
+                conv = self.convs[id(p)]
                 update, shape = grad.lerp(buf, 0.95), w.shape
-                if self.per_position:  # each (out, in) matrix, as modnorm's Conv2d dual map
-                    mats = update.view(p.shape).flatten(2).permute(2, 0, 1)
+                if self.per_position:  # the atom's own (out, in) matrices, as its dual map
+                    mats = conv._mats(update.view(p.shape))
                     update = torch.stack([_zeropower(m, NS, 5, 1e-7) for m in mats])
-                    update, shape = update.permute(1, 2, 0).reshape(w.shape), p.shape[:2]
+                    update, shape = conv._unmats(update, p).reshape(w.shape), p.shape[:2]
                 else:
                     update = _zeropower(update, NS, 5, 1e-7)
                 w.mul_(1 - lr * 0.1)
-                adjust = 0.2 * math.sqrt(max(shape)) / self.scales[id(p)]
+                adjust = 0.2 * math.sqrt(max(shape)) / conv.scale
                 w.add_(update, alpha=-lr * adjust)
 
 

@@ -104,6 +104,8 @@ def test_kernel_muon_is_torch_muon_on_the_effective_kernel() -> None:
     assert torch.allclose(ours, theirs, atol=1e-6)
     ours, theirs = _muon_pair(3)  # scale 1/9: equal up to Newton–Schulz's bfloat16 rounding
     assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()
+    with pytest.raises(ValueError, match="per_position"):
+        rg._KernelMuon([rg.Conv2d(4, 4, 3, unfolded=True)], 0.01, per_position=True)
 
 
 def test_muon_on_modnorm_splits_as_muon_does() -> None:
