@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from modnorm import experiments as ex
 from modnorm import optim as mn_optim
-from modnorm.compounds import GPT, ResCNN, ResMLP
+from modnorm.compounds import GPT, ResMLP
 from modnorm.data import Dataset
 from modnorm.diagnostics import calibrate_
 from modnorm.modules import Module
@@ -137,12 +137,12 @@ def modnorm_dual_unfolded(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
     """modnorm-dual on the affine ResCNN whose convolutions are unfolded matrices
-    (``ResCNN(affine_mass=0.25, unfolded=True)``, benchmarks/rescnn_gap.py)."""
-    if cfg.model != "rescnn" or len(data.in_shape) != 3:
-        raise ValueError(f"modnorm-dual-unfolded trains the rescnn on images, not {cfg.model}")
-    classes = data.num_classes
-    model = ResCNN(data.in_shape[0], classes, width, depth, affine_mass=0.25, unfolded=True)
-    return model.to(device), [ex.build_optimizer("modnorm-dual", model, lr)]
+    (``--affine-mass 0.25 --unfolded``: ``ResCNN(affine_mass=0.25, unfolded=True)``,
+    benchmarks/rescnn_gap.py)."""
+    if cfg.model != "rescnn":
+        raise ValueError(f"modnorm-dual-unfolded trains the rescnn, not {cfg.model}")
+    cfg = replace(cfg, unfolded=True)
+    return _modnorm(cfg, data, width, depth, lr, device, name="modnorm-dual", affine_mass=0.25)
 
 
 def modnorm_adam_affine(mass: float) -> ex.Builder:

@@ -155,6 +155,8 @@ def test_unknown_optimizer_and_missing_data_exit_2(
     argv = ["sweep", "--out", str(tmp_path / "a"), "--model", "rescnn", "--affine-mass", "-1"]
     assert cli.main([*argv, *TINY]) == 2
     assert "affine_mass must be a finite non-negative number, got -1.0" in capsys.readouterr().err
+    assert cli.main(["sweep", "--out", str(tmp_path / "a"), "--unfolded", *TINY]) == 2
+    assert "unfolded is an option of modnorm's rescnn, not resmlp" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
@@ -205,7 +207,7 @@ def test_a_checkpoint_resumes_across_a_new_config_field_at_its_default(tmp_path:
     ex.train(cfg, tmp_path / "old", data, progress=False, stop_after=2)
     path = tmp_path / "old" / "checkpoint.pt"
     ckpt = torch.load(path, weights_only=False)
-    del ckpt["config"]["affine_mass"]  # as saved before the field existed
+    del ckpt["config"]["affine_mass"], ckpt["config"]["unfolded"]  # saved before they existed
     torch.save(ckpt, path)
     assert ex.train(cfg, tmp_path / "old", data, resume=True, progress=False)["steps_done"] == 4
     affine = dataclasses.replace(cfg, affine_mass=0.25)
@@ -225,6 +227,14 @@ def test_train_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "validation loss" in capsys.readouterr().out
     saved = json.loads((tmp_path / "run" / "train.json").read_text())
     assert saved["steps_done"] == 4 and len(saved["val"]) == 2
+    argv = [
+        "train", "--model", "rescnn", "--data", "digits", "--optimizer", "modnorm-dual",
+        "--unfolded", "--width", "4", "--depth", "1", "--steps", "2", "--batch-size", "8",
+        "--out", str(tmp_path / "cnn"), "--no-progress",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    ckpt = torch.load(tmp_path / "cnn" / "checkpoint.pt", weights_only=False)
+    assert ckpt["config"]["unfolded"] is True  # build_model's test: it reaches the ResCNN
 
 
 def test_plot_and_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -936,6 +936,9 @@ def test_a_checkpoint_that_does_not_fit_gets_a_clear_error(
     deeper = mn.ResMLP(12, 5, width=100, num_blocks=3)
     with pytest.raises(ValueError, match=r"\(4 parameters there, 5 here\): its parameter '6"):
         load_checkpoint(checkpoints / "adam", mn.optim.Adam(deeper, lr=0.1))
+    heavier = mn.ResMLP(12, 5, width=100, num_blocks=2, head_mass=2.0)  # same shapes
+    with pytest.raises(ValueError, match=r"its atom 3 is Linear\(100, 5, mass=1\) there and Lin"):
+        load_checkpoint(checkpoints / "adam", mn.optim.Adam(heavier, lr=0.1))
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         load_checkpoint(tmp_path / "missing", mn.optim.Adam(net, lr=0.1))
     (tmp_path / "half").mkdir()  # what a save that crashed before DCP's .metadata leaves
@@ -970,7 +973,8 @@ def _torchrun(
     """``modnorm`` under torchrun with ``nproc`` processes; ``launch=False``: without it."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     command = [sys.executable, *(torchrun if launch else []), "-m", "modnorm.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a worker that aborts shows where each of its threads was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -993,13 +997,13 @@ def test_modnorm_train_under_torchrun_runs_checkpoints_and_resumes_exactly(
     args += ["--eval-every", "3", "--checkpoint-every", "3", "--no-progress"]
 
     whole = _torchrun([*args, "--out", "whole"], tmp_path)
-    assert whole.returncode == 0, whole.stderr
+    assert whole.returncode == 0, whole.stdout + whole.stderr
     assert (tmp_path / "whole" / "checkpoint.pt").exists()
     assert whole.stdout.count("train loss") == 1  # rank 0 alone reports
     first = _torchrun([*args, "--out", "split", "--stop-after", "3"], tmp_path)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 0, first.stdout + first.stderr
     second = _torchrun([*args, "--out", "split", "--resume"], tmp_path)
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
 
     runs = [json.loads((tmp_path / d / "train.json").read_text()) for d in ("whole", "split")]
@@ -1034,14 +1038,14 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     fsdp = [*args, "--strategy", "fsdp"]
 
     ddp = _torchrun([*args, "--out", "ddp"], tmp_path)
-    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
     whole = _torchrun([*fsdp, "--out", "whole"], tmp_path)
-    assert whole.returncode == 0, whole.stderr
+    assert whole.returncode == 0, whole.stdout + whole.stderr
     assert (tmp_path / "whole" / "checkpoint" / ".metadata").exists()  # DCP, every rank's slices
     first = _torchrun([*fsdp, "--out", "split", "--stop-after", "3"], tmp_path)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 0, first.stdout + first.stderr
     second = _torchrun([*fsdp, "--out", "split", "--resume"], tmp_path)
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
 
     runs = {
@@ -1061,7 +1065,7 @@ def test_modnorm_train_with_fsdp2_matches_ddp_and_resumes_exactly(tmp_path: Path
     assert alone.returncode == 2 and "launch with torchrun" in alone.stderr
     # one process under torchrun is a process group of one: FSDP runs there (one GPU, say)
     one = _torchrun([*fsdp, "--out", "one"], tmp_path, nproc=1)
-    assert one.returncode == 0, one.stderr
+    assert one.returncode == 0, one.stdout + one.stderr
     assert json.loads((tmp_path / "one" / "train.json").read_text())["world_size"] == 1
     assert (tmp_path / "one" / "checkpoint").is_dir()
 

@@ -178,15 +178,46 @@ def test_build_model_gives_modnorm_rescnn_and_gpt_their_affine_atoms(tmp_path: P
         ex.build_model(ex.SweepConfig(affine_mass=0.25), "modnorm-adam", 8, 2, images)
 
 
-def test_a_saved_sweep_predating_affine_mass_is_the_same_sweep(tmp_path: Path) -> None:
-    cfg = ex.SweepConfig(values=[8], lrs=[0.1], steps=1)
+def test_build_model_unfolds_the_modnorm_rescnns_convolutions() -> None:
+    from modnorm import data as mn_data
+    from modnorm.atoms import Conv2d
+
+    images = mn_data.load("digits", image=True)
+    cfg = ex.SweepConfig(model="rescnn", optimizers=["modnorm-dual", "adam"], unfolded=True)
+    cfg.validate()
+    net = ex.build_model(cfg, "modnorm-dual", 8, 2, images)
+    convs = [a for a, _ in net.atom_shares() if isinstance(a, Conv2d)]  # type: ignore[operator]
+    assert len(convs) == 3 and all(c.unfolded for c in convs)
+    folded = ex.build_model(dataclasses.replace(cfg, unfolded=False), "modnorm-dual", 8, 2, images)
+    assert not any(c.unfolded for c in folded.modules() if isinstance(c, Conv2d))
+    torch_net = ex.build_model(cfg, "adam", 8, 2, images)  # a norm: torch.nn's model has none
+    assert not any(isinstance(m, Conv2d) for m in torch_net.modules())
+    for bad, message in (
+        (ex.SweepConfig(unfolded=True), "unfolded is an option of modnorm's rescnn, not resmlp"),
+        (ex.SweepConfig(model="rescnn", unfolded=1), "unfolded must be True or False, got 1"),
+        (
+            ex.SweepConfig(model="rescnn", optimizers=["adam"], unfolded=True),
+            r"none of the optimizers \['adam'\] trains one",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bad.validate()
+    with pytest.raises(ValueError, match="unfolded is an option of modnorm's rescnn, not mlp"):
+        ex.build_model(ex.SweepConfig(model="mlp", unfolded=True), "modnorm-adam", 8, 2, images)
+
+
+@pytest.mark.parametrize(("field", "value"), [("affine_mass", 0.25), ("unfolded", True)])
+def test_a_saved_sweep_predating_a_field_is_the_same_sweep(
+    tmp_path: Path, field: str, value: object
+) -> None:
+    cfg = ex.SweepConfig(model="rescnn", values=[8], lrs=[0.1], steps=1)
     old = dataclasses.asdict(cfg)
-    del old["affine_mass"]  # as saved before the field existed
+    del old[field]  # as saved before the field existed
     runs = [{"optimizer": "adam", "width": 8}]
     ex.write_json_atomic(tmp_path / "results.json", {"schema": 1, "config": old, "runs": runs})
     assert ex.load_results(tmp_path, cfg) == runs
     with pytest.raises(ValueError, match="different sweep"):
-        ex.load_results(tmp_path, dataclasses.replace(cfg, affine_mass=0.25))
+        ex.load_results(tmp_path, dataclasses.replace(cfg, **{field: value}))
 
 
 def test_a_sweep_over_processes_refuses_what_it_cannot_send(tmp_path) -> None:

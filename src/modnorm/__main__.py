@@ -1,6 +1,6 @@
 """``python -m modnorm``: the ``modnorm`` command, where its script is not on the PATH."""
 
-from modnorm.cli import main
+from modnorm.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,11 @@ def _affine(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MASS",
         help="rescnn and gpt: modnorm's model gets biases and gains of this mass (e.g. 0.25)",
+    )
+    p.add_argument(
+        "--unfolded",
+        action="store_true",
+        help="rescnn: modnorm normalizes each convolution kernel as one (out, in*k*k) matrix",
     )
 
 
@@ -221,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_left_group = False  # whether `modnorm train` joined torchrun's process group and left it
+
+
+def run() -> None:
+    """The ``modnorm`` command (its script, ``python -m modnorm``): `main`, then exit."""
+    code = main()
+    if _left_group:
+        # torch's gloo backend can abort a finished worker while the interpreter tears down
+        # ("terminate called without an active exception"; CI saw it three times, once after
+        # each fix of what kept a group alive). Every file is written and the group destroyed
+        # by now, so the worker leaves without that teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,6 +299,7 @@ def _sweep(args: argparse.Namespace) -> int:
         num_heads=args.heads,
         schedule=args.schedule,
         affine_mass=args.affine_mass,
+        unfolded=args.unfolded,
     )
     cfg.validate()
     device = _device(args.device)
@@ -359,6 +383,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         affine_mass=args.affine_mass,
+        unfolded=args.unfolded,
     )
     cfg.sweep_config().validate()
     if args.stop_after is not None and args.stop_after < 1:
@@ -384,6 +409,8 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            global _left_group
+            _left_group = True
     if rank != 0:  # rank 0 reports
         return 0
     last = res["val"][-1] if res["val"] else {}
@@ -673,4 +700,4 @@ def table(results: Sequence[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -925,7 +925,8 @@ def _checkpoint_state(optimizer: Any, meta: dict[str, Any] | None = None) -> dic
 
 def _meta(optimizer: Any) -> dict[str, Any]:
     """What modnorm keeps besides the tensors: the optimizer's class, the parameters' names and
-    shapes (to check a resume against), the skipped steps and the spectral-norm warm starts
+    shapes and each atom's description (its mass and norm: to check a resume against), the
+    skipped steps and the spectral-norm warm starts
     (non-parameter state that DCP's optimizer helpers drop), and each optimizer's
     hyperparameters."""
     from modnorm.optim import _warm_start_buffers
@@ -936,6 +937,7 @@ def _meta(optimizer: Any) -> dict[str, Any]:
         "optimizer": type(optimizer).__name__,
         "base": type(getattr(optimizer, "base", None)).__name__,
         "shapes": {n: tuple(p.shape) for n, p in optimizer.module.named_parameters()},
+        "atoms": [_describe(atom) for atom in atoms],
         "skipped_steps": optimizer.skipped_steps,
         "warm_start": [
             {n: b.detach().cpu().clone() for n, b in _warm_start_buffers(a)} for a in atoms
@@ -946,6 +948,13 @@ def _meta(optimizer: Any) -> dict[str, Any]:
             for opt, key in _optimizers(optimizer)
         },
     }
+
+
+def _describe(atom: Any) -> str:
+    """``Linear(100, 5, mass=1)``: the atom's modnorm class (FSDP2 subclasses it) and
+    description, the same under any layout."""
+    cls = next(c for c in type(atom).__mro__ if c.__module__.startswith("modnorm."))
+    return f"{cls.__name__}({atom.extra_repr()})"
 
 
 def _check_meta(saved: dict[str, Any], here: dict[str, Any], path: Path) -> None:
@@ -977,6 +986,17 @@ def _check_meta(saved: dict[str, Any], here: dict[str, Any], path: Path) -> None
                 f"{path} was saved from another architecture: parameter {name!r} has shape "
                 f"{tuple(shape)} there and {tuple(have[name])} here"
             )
+    there = saved.get("atoms", here["atoms"])  # a checkpoint that predates the field: unchecked
+    if there != here["atoms"]:
+        pairs = zip(there, here["atoms"], strict=False)
+        i, a, b = next(
+            ((i, a, b) for i, (a, b) in enumerate(pairs) if a != b),
+            (min(len(there), len(here["atoms"])), "absent", "absent"),
+        )
+        raise ValueError(
+            f"{path} was saved from a module of other masses or norms: its atom {i} is {a} "
+            f"there and {b} here"
+        )
 
 
 def _complete(path: Path) -> Path:

@@ -54,6 +54,8 @@ class SweepConfig:
     schedule: str = "linear"  # "linear" decay to zero, or "constant"
     # modnorm's ResCNN and GPT get biases and gains of this mass (the torch.nn ones have theirs)
     affine_mass: float | None = None
+    # modnorm's ResCNN normalizes each kernel as one (out, in·k²) matrix (`Conv2d(unfolded=True)`)
+    unfolded: bool = False
 
     def validate(self, known: Sequence[str] = OPTIMIZERS) -> None:
         """Raise on a bad field; ``known`` are the optimizer names a sweep may use."""
@@ -92,6 +94,15 @@ class SweepConfig:
                     "affine_mass weighs the biases and gains of modnorm's models, and none of "
                     f"the optimizers {self.optimizers} trains one (torch.nn's have their own)"
                 )
+        if not isinstance(self.unfolded, bool):
+            raise ValueError(f"unfolded must be True or False, got {self.unfolded!r}")
+        if self.unfolded and self.model != "rescnn":
+            raise ValueError(f"unfolded is an option of modnorm's rescnn, not {self.model}")
+        if self.unfolded and not any(o.startswith("modnorm") for o in self.optimizers):
+            raise ValueError(
+                "unfolded chooses the norm of modnorm's convolutions, and none of the "
+                f"optimizers {self.optimizers} trains one"
+            )
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -151,7 +162,8 @@ def build_model(
     """The model of ``cfg`` at one scale: a modnorm compound for modnorm optimizers, the
     same architecture in plain ``torch.nn`` (standard practice) for the others.
     ``output_scale`` and ``head_mass`` are the residual compounds' (modnorm only);
-    ``cfg.affine_mass`` is the ResCNN's and GPT's (modnorm only: ``torch.nn`` has them)."""
+    ``cfg.affine_mass`` is the ResCNN's and GPT's (modnorm only: ``torch.nn`` has them), and
+    ``cfg.unfolded`` the ResCNN's (a choice of norm: a ``torch.nn`` model has none)."""
     modular = optimizer.startswith("modnorm")
     residual = modular and cfg.model in ("resmlp", "rescnn", "gpt")
     for name, value in (("output_scale", output_scale), ("head_mass", head_mass)):
@@ -160,6 +172,8 @@ def build_model(
     if modular and cfg.affine_mass is not None and cfg.model not in AFFINE_MODELS:
         models = " and ".join(AFFINE_MODELS)
         raise ValueError(f"affine_mass is an option of modnorm's {models}, not {cfg.model}")
+    if modular and cfg.unfolded and cfg.model != "rescnn":
+        raise ValueError(f"unfolded is an option of modnorm's rescnn, not {cfg.model}")
     scale, mass = output_scale, head_mass
     classes = data.num_classes
     if cfg.model == "gpt":
@@ -188,6 +202,7 @@ def build_model(
                 output_scale=scale,
                 head_mass=mass,
                 affine_mass=cfg.affine_mass,
+                unfolded=cfg.unfolded,
             )
         return baselines.torch_rescnn(shape[0], classes, width, depth)
     features = math.prod(shape)
@@ -464,7 +479,9 @@ _GRID = ("lrs", "values", "optimizers", "seeds")  # a run depends on its own poi
 def differences_beyond_grid(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The fields of sweep configs ``a`` and ``b`` (as saved) that differ, leaving out the
     grid (lrs, scale values, optimizers, seeds): none means a run of one, at a grid point both
-    share, is a run of the other."""
+    share, is a run of the other. A field a config predates was then at its default."""
+    default = asdict(SweepConfig())
+    a, b = {**default, **a}, {**default, **b}
     keys = (a.keys() | b.keys()) - set(_GRID)
     return sorted(k for k in keys if a.get(k) != b.get(k))
 
@@ -642,6 +659,7 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 500
     affine_mass: float | None = None  # as `SweepConfig`'s
+    unfolded: bool = False  # as `SweepConfig`'s
 
     def sweep_config(self) -> SweepConfig:
         return SweepConfig(
@@ -658,6 +676,7 @@ class TrainConfig:
             values=[self.width],
             depth=self.depth,
             affine_mass=self.affine_mass,
+            unfolded=self.unfolded,
         )
 
 
