@@ -48,7 +48,7 @@ def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _affine(p: argparse.ArgumentParser) -> None:
+def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--affine-mass",
         type=float,
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory; a partial sweep there is resumed"
     )
     sw.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each")
-    _affine(sw)
+    _model_options(sw)
     _common(sw)
 
     tr = sub.add_parser("train", help="one training run with validation and checkpoints")
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEP",
         help="stop (with a checkpoint) after step STEP, to continue later with --resume",
     )
-    _affine(tr)
+    _model_options(tr)
     _common(tr)
 
     pl = sub.add_parser("plot", help="redraw the figure of a sweep from its results.json")
