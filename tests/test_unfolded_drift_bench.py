@@ -1,0 +1,36 @@
+"""`benchmarks/unfolded_drift.py` measures the harness's own run: probing the updates leaves
+the training exactly as `modnorm.experiments.train_one` does it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from benchmarks import unfolded_drift as ud
+from modnorm import data as mn_data
+from modnorm import experiments as ex
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch() -> Iterator[None]:
+    # run() sets one thread and flushes denormals, as a worker of the benchmark should
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def test_measuring_the_updates_leaves_the_run_as_the_harness_trains_it() -> None:
+    got = ud.run(("unfolded", 4, 0, 50))
+    assert [r["step"] for r in got["records"]] == [0, 50, 100, 150]
+    assert all(math.isfinite(r[k]) and r[k] > 0 for r in got["records"] for k in ud.PARTS)
+    cfg = ex.SweepConfig(
+        model="rescnn", optimizers=["modnorm-dual"], steps=200, input_noise=1.0, depth=2,
+        affine_mass=ud.AFFINE_MASS, unfolded=True,
+    )  # fmt: skip
+    data = mn_data.load("digits", image=True, input_noise=1.0)
+    want = ex.train_one(cfg, data, "modnorm-dual", 4, 2, 2.0 ** ud.LOG2_LR["unfolded"], 0)
+    assert got["train_loss"] == want["train_loss"]  # the same run, bit for bit
