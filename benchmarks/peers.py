@@ -145,6 +145,24 @@ def modnorm_dual_unfolded(
     return _modnorm(cfg, data, width, depth, lr, device, name="modnorm-dual", affine_mass=0.25)
 
 
+def modnorm_dual_unfolded_blocks(
+    cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
+) -> Built:
+    """`modnorm_dual_unfolded` with the stem's convolution per kernel position: only the
+    blocks' convolutions unfolded (benchmarks/rescnn_gap.py: the unfolded stem costs loss,
+    most at width 16). One-channel images in ten classes (the harness's digits)."""
+    from benchmarks.rescnn_gap import modnorm_rescnn  # rescnn_gap imports this module
+
+    if cfg.model != "rescnn" or data.in_shape[0] != 1 or data.num_classes != 10:
+        raise ValueError(
+            "modnorm-dual-unfolded-blocks trains the rescnn on one-channel images in ten "
+            f"classes, not {cfg.model} on {data.in_shape} in {data.num_classes}"
+        )
+    affine = {"norm_gain": 0.25, "norm_bias": 0.25, "conv_bias": 0.25}
+    model = modnorm_rescnn(width, depth, **affine, unfolded=(False, True))
+    return model.to(device), [ex.build_optimizer("modnorm-dual", model, lr)]
+
+
 def modnorm_adam_affine(mass: float) -> ex.Builder:
     """modnorm-adam on a ResCNN or GPT with biases and gains of mass ``mass``, where
     ``torch.nn``'s have them (`modnorm.ResCNN`'s and `modnorm.GPT`'s ``affine_mass``)."""
@@ -475,6 +493,12 @@ METHODS: dict[str, Method] = {
             modnorm_dual_unfolded,
             ("rescnn",),
             note="affine_mass=0.25, unfolded=True: Muon's view of a kernel (rescnn_gap.py)",
+        ),
+        Method(
+            "modnorm-dual-unfolded-blocks",
+            modnorm_dual_unfolded_blocks,
+            ("rescnn",),
+            note="as modnorm-dual-unfolded with the stem per kernel position (rescnn_gap.py)",
         ),
         Method(
             "modnorm-adam-split",

@@ -66,25 +66,27 @@ def modnorm_rescnn(
     norm_gain: float | None = None,
     norm_bias: float | None = None,
     conv_bias: float | None = None,
+    unfolded: tuple[bool, bool] = (False, False),
 ) -> Module:
     """`compounds.ResCNN` on 1-channel 8 × 8 images (the defaults: the same network, its
     weights drawn in the same order) without the MeanSubtract, with plain residuals, with a
     per-channel `Gain` (of mass ``norm_gain``) or `Bias` (``norm_bias``) after each
     RMSDivide (GroupNorm's affine weights), or with a `Bias` of mass ``conv_bias`` after each
-    Conv2d and the head (all three of one mass: ``ResCNN(affine_mass=...)``)."""
+    Conv2d and the head (all three of one mass: ``ResCNN(affine_mass=...)``); ``unfolded``:
+    whether the stem's and the blocks' Conv2d are ``unfolded`` (both: ``ResCNN(unfolded=True)``)."""
     dims = (1, 2, 3)
 
-    def conv(d_in: int) -> Module:
-        c = Conv2d(d_in, width, 3)
+    def conv(d_in: int, unfold: bool) -> Module:
+        c = Conv2d(d_in, width, 3, unfolded=unfold)
         return c if conv_bias is None else Bias(width, conv_bias, dim=1) @ c
 
-    initial = conv(1)
+    initial = conv(1, unfolded[0])
     norm: Module = RMSDivide(dims)
     if norm_gain is not None:
         norm = Gain(width, norm_gain, dim=1) @ norm
     if norm_bias is not None:
         norm = Bias(width, norm_bias, dim=1) @ norm
-    residue = compounds._activation("abs") @ conv(width) @ norm
+    residue = compounds._activation("abs") @ conv(width, unfolded[1]) @ norm
     if mean:
         residue = MeanSubtract(dims) @ residue
     if residual == "convex":
@@ -338,6 +340,17 @@ VARIANTS: dict[str, Variant] = {
             MODNORM_LRS,
         )
         for opt, make in [("modnorm-adam", _modnorm_adam), ("modnorm-dual", _modnorm_dual)]
+    },
+    # which convolution's unfolding moves modnorm-dual's lr with width: the stem's or the blocks'
+    **{
+        f"modnorm-dual: affine_mass 0.25 and {part} unfolded": (
+            lambda w, b, unfolded=unfolded: modnorm_rescnn(
+                w, b, norm_gain=0.25, norm_bias=0.25, conv_bias=0.25, unfolded=unfolded
+            ),
+            _modnorm_dual,
+            MODNORM_LRS,
+        )
+        for part, unfolded in [("only the stem", (True, False)), ("only the blocks", (False, True))]
     },
     # the masses whose shares come closest to Muon's split (benchmarks/muon_split.py)
     **{

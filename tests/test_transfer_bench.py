@@ -241,6 +241,22 @@ def test_the_affine_method_is_modnorm_adam_on_the_affine_compound() -> None:
     assert built["curve"] != ex.train_one(cfg, data, "modnorm-adam", 8, 2, 0.25, 0)["curve"]
 
 
+def test_the_unfolded_methods_are_modnorm_dual_on_the_unfolded_compound() -> None:
+    from modnorm.atoms import Conv2d
+
+    cfg = replace(_tiny([8]).config, model="rescnn", input_noise=0.0)
+    data = digits(image=True)
+    both = peers.METHODS["modnorm-dual-unfolded"]
+    built = ex.train_one(cfg, data, "modnorm-dual-unfolded", 8, 2, 0.5, 0, build=both.build)
+    plain = replace(cfg, affine_mass=0.25, unfolded=True)
+    assert built["curve"] == ex.train_one(plain, data, "modnorm-dual", 8, 2, 0.5, 0)["curve"]
+    blocks = peers.METHODS["modnorm-dual-unfolded-blocks"]
+    net, _ = blocks.build(cfg, data, 8, 2, 0.5, "cpu")
+    assert [c.unfolded for c in net.modules() if isinstance(c, Conv2d)] == [False, True, True]
+    with pytest.raises(ValueError, match="one-channel images in ten classes"):
+        blocks.build(replace(cfg, model="resmlp"), digits(), 8, 2, 0.5, "cpu")
+
+
 def test_seed_spread_is_the_standard_deviation_at_the_best_lr() -> None:
     def run(lr: float, seed: int, loss: float) -> dict[str, object]:
         return dict(optimizer="a", width=8, lr=lr, seed=seed, train_loss=loss, diverged=False,
