@@ -936,6 +936,9 @@ def test_a_checkpoint_that_does_not_fit_gets_a_clear_error(
     deeper = mn.ResMLP(12, 5, width=100, num_blocks=3)
     with pytest.raises(ValueError, match=r"\(4 parameters there, 5 here\): its parameter '6"):
         load_checkpoint(checkpoints / "adam", mn.optim.Adam(deeper, lr=0.1))
+    scaled = mn.ResMLP(12, 5, width=100, num_blocks=2, output_scale=3.0)  # same atoms
+    with pytest.raises(ValueError, match=r"share a step otherwise .*\[0.3333, .*\[0.1111, "):
+        load_checkpoint(checkpoints / "adam", mn.optim.Adam(scaled, lr=0.1))
     heavier = mn.ResMLP(12, 5, width=100, num_blocks=2, head_mass=2.0)  # same shapes
     with pytest.raises(ValueError, match=r"its atom 3 is Linear\(100, 5, mass=1\) there and Lin"):
         load_checkpoint(checkpoints / "adam", mn.optim.Adam(heavier, lr=0.1))
@@ -1005,6 +1008,10 @@ def test_modnorm_train_under_torchrun_runs_checkpoints_and_resumes_exactly(
     second = _torchrun([*args, "--out", "split", "--resume"], tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    # an error after the group is joined: the worker leaves through os._exit with code 2
+    other = _torchrun([*args, "--out", "split", "--resume", "--lr", "0.1"], tmp_path)
+    assert other.returncode != 0 and "exitcode  : 2" in other.stderr, other.stderr
+    assert "modnorm train: error:" in other.stderr and "different configuration" in other.stderr
 
     runs = [json.loads((tmp_path / d / "train.json").read_text()) for d in ("whole", "split")]
     assert (

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from modnorm import experiments as ex
 
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 _left_group = False  # whether `modnorm train` joined torchrun's process group and left it
 
 
-def run() -> None:
+def run() -> NoReturn:
     """The ``modnorm`` command (its script, ``python -m modnorm``): `main`, then exit."""
     code = main()
     if _left_group:
@@ -360,6 +360,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    global _left_group
     import torch.distributed as dist
 
     from modnorm.data import load
@@ -409,7 +410,6 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-            global _left_group
             _left_group = True
     if rank != 0:  # rank 0 reports
         return 0

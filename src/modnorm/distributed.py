@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import shutil
 import sys
@@ -925,8 +926,8 @@ def _checkpoint_state(optimizer: Any, meta: dict[str, Any] | None = None) -> dic
 
 def _meta(optimizer: Any) -> dict[str, Any]:
     """What modnorm keeps besides the tensors: the optimizer's class, the parameters' names and
-    shapes and each atom's description (its mass and norm: to check a resume against), the
-    skipped steps and the spectral-norm warm starts
+    shapes, each atom's description (its mass and norm) and share of a step (to check a
+    resume against), the skipped steps and the spectral-norm warm starts
     (non-parameter state that DCP's optimizer helpers drop), and each optimizer's
     hyperparameters."""
     from modnorm.optim import _warm_start_buffers
@@ -938,6 +939,7 @@ def _meta(optimizer: Any) -> dict[str, Any]:
         "base": type(getattr(optimizer, "base", None)).__name__,
         "shapes": {n: tuple(p.shape) for n, p in optimizer.module.named_parameters()},
         "atoms": [_describe(atom) for atom in atoms],
+        "shares": [share for _, share in optimizer.module.atom_shares()],
         "skipped_steps": optimizer.skipped_steps,
         "warm_start": [
             {n: b.detach().cpu().clone() for n, b in _warm_start_buffers(a)} for a in atoms
@@ -986,17 +988,30 @@ def _check_meta(saved: dict[str, Any], here: dict[str, Any], path: Path) -> None
                 f"{path} was saved from another architecture: parameter {name!r} has shape "
                 f"{tuple(shape)} there and {tuple(have[name])} here"
             )
-    there = saved.get("atoms", here["atoms"])  # a checkpoint that predates the field: unchecked
+    # fields a checkpoint predates go unchecked
+    there = saved.get("atoms", here["atoms"])
     if there != here["atoms"]:
-        pairs = zip(there, here["atoms"], strict=False)
-        i, a, b = next(
-            ((i, a, b) for i, (a, b) in enumerate(pairs) if a != b),
-            (min(len(there), len(here["atoms"])), "absent", "absent"),
+        i = next(
+            (i for i, (a, b) in enumerate(zip(there, here["atoms"], strict=False)) if a != b),
+            min(len(there), len(here["atoms"])),
         )
+        a, b = (d[i] if i < len(d) else "absent" for d in (there, here["atoms"]))
         raise ValueError(
             f"{path} was saved from a module of other masses or norms: its atom {i} is {a} "
             f"there and {b} here"
         )
+    shares = saved.get("shares", here["shares"])
+    if not all(
+        math.isclose(a, b, rel_tol=1e-9) for a, b in zip(shares, here["shares"], strict=True)
+    ):
+        raise ValueError(
+            f"{path} was saved from a module whose atoms share a step otherwise (other masses, "
+            f"sensitivities or output scale): {_fmt(shares)} there, {_fmt(here['shares'])} here"
+        )
+
+
+def _fmt(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"
 
 
 def _complete(path: Path) -> Path:

@@ -37,6 +37,9 @@ SCHEMA = 1
 class SweepConfig:
     """Everything that defines a sweep; two sweeps with equal configs are the same sweep."""
 
+    # A saved config that lacks a field is read with its default (`differences_beyond_grid`):
+    # a new field's default must be the behaviour before it existed.
+
     model: str = "resmlp"
     data: str = "digits"
     scale: str = "width"
