@@ -151,15 +151,14 @@ def modnorm_dual_unfolded_blocks(
     """`modnorm_dual_unfolded` with the stem's convolution per kernel position: only the
     blocks' convolutions unfolded (benchmarks/rescnn_gap.py: the unfolded stem costs loss,
     most at width 16). One-channel images in ten classes (the harness's digits)."""
-    from benchmarks.rescnn_gap import modnorm_rescnn  # rescnn_gap imports this module
+    from benchmarks.rescnn_gap import affine_rescnn  # rescnn_gap imports this module
 
     if cfg.model != "rescnn" or data.in_shape[0] != 1 or data.num_classes != 10:
         raise ValueError(
             "modnorm-dual-unfolded-blocks trains the rescnn on one-channel images in ten "
             f"classes, not {cfg.model} on {data.in_shape} in {data.num_classes}"
         )
-    affine = {"norm_gain": 0.25, "norm_bias": 0.25, "conv_bias": 0.25}
-    model = modnorm_rescnn(width, depth, **affine, unfolded=(False, True))
+    model = affine_rescnn(width, depth, unfolded=(False, True))
     return model.to(device), [ex.build_optimizer("modnorm-dual", model, lr)]
 
 

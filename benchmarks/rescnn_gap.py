@@ -101,6 +101,13 @@ def modnorm_rescnn(
     return head @ Flatten() @ AvgPool() @ stack @ initial
 
 
+def affine_rescnn(width: int, blocks: int, unfolded: tuple[bool, bool]) -> Module:
+    """``ResCNN(affine_mass=0.25)`` with the stem's and the blocks' Conv2d ``unfolded`` or
+    not: `modnorm_rescnn` with its three affine options at that mass."""
+    affine = {"norm_gain": 0.25, "norm_bias": 0.25, "conv_bias": 0.25}
+    return modnorm_rescnn(width, blocks, **affine, unfolded=unfolded)
+
+
 class _Convex(nn.Module):
     """``(1 − 1/L)·x + (1/L)·block(x)``: modnorm's residual in plain ``torch.nn``."""
 
@@ -344,9 +351,7 @@ VARIANTS: dict[str, Variant] = {
     # which convolution's unfolding moves modnorm-dual's lr with width: the stem's or the blocks'
     **{
         f"modnorm-dual: affine_mass 0.25 and {part} unfolded": (
-            lambda w, b, unfolded=unfolded: modnorm_rescnn(
-                w, b, norm_gain=0.25, norm_bias=0.25, conv_bias=0.25, unfolded=unfolded
-            ),
+            lambda w, b, unfolded=unfolded: affine_rescnn(w, b, unfolded),
             _modnorm_dual,
             MODNORM_LRS,
         )

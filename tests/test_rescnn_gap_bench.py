@@ -79,13 +79,12 @@ def test_the_unfolded_options_are_the_compounds_unfolded_per_convolution() -> No
     from modnorm.atoms import Conv2d
 
     x = torch.randn(3, 1, 8, 8)
-    affine = {"norm_gain": 0.25, "norm_bias": 0.25, "conv_bias": 0.25}
     torch.manual_seed(0)
-    ours = rg.modnorm_rescnn(8, 2, **affine, unfolded=(True, True))
+    ours = rg.affine_rescnn(8, 2, unfolded=(True, True))
     torch.manual_seed(0)
     assert _same(ours, compounds.ResCNN(1, 10, 8, 2, affine_mass=0.25, unfolded=True), x)
     for stem, blocks in [(True, False), (False, True)]:
-        net = rg.modnorm_rescnn(8, 2, **affine, unfolded=(stem, blocks))
+        net = rg.affine_rescnn(8, 2, unfolded=(stem, blocks))
         convs = [a for a, _ in net.atom_shares() if isinstance(a, Conv2d)]
         assert [c.unfolded for c in convs] == [stem, blocks, blocks]
 

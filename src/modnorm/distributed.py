@@ -933,13 +933,13 @@ def _meta(optimizer: Any) -> dict[str, Any]:
     from modnorm.optim import _warm_start_buffers
 
     share_warm_starts(optimizer.module)  # FSDP2: from the rank that computed each
-    atoms = [atom for atom, _ in optimizer.module.atom_shares()]
+    atoms, shares = zip(*optimizer.module.atom_shares(), strict=True)
     return {
         "optimizer": type(optimizer).__name__,
         "base": type(getattr(optimizer, "base", None)).__name__,
         "shapes": {n: tuple(p.shape) for n, p in optimizer.module.named_parameters()},
         "atoms": [_describe(atom) for atom in atoms],
-        "shares": [share for _, share in optimizer.module.atom_shares()],
+        "shares": list(shares),
         "skipped_steps": optimizer.skipped_steps,
         "warm_start": [
             {n: b.detach().cpu().clone() for n, b in _warm_start_buffers(a)} for a in atoms
