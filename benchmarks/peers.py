@@ -136,29 +136,30 @@ def modnorm_adam_head(output_scale: float = 1.0, head_mass: float = 1.0) -> ex.B
 def modnorm_dual_unfolded(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
-    """modnorm-dual on the affine ResCNN whose convolutions are unfolded matrices
-    (``--affine-mass 0.25 --unfolded``: ``ResCNN(affine_mass=0.25, unfolded=True)``,
-    benchmarks/rescnn_gap.py)."""
+    """modnorm-dual on the affine ResCNN whose blocks' convolutions are unfolded matrices
+    (``--affine-mass 0.25 --unfolded``: ``ResCNN(affine_mass=0.25, unfolded=True)``; the
+    stem per kernel position; benchmarks/rescnn_gap.py)."""
     if cfg.model != "rescnn":
         raise ValueError(f"modnorm-dual-unfolded trains the rescnn, not {cfg.model}")
     cfg = replace(cfg, unfolded=True)
     return _modnorm(cfg, data, width, depth, lr, device, name="modnorm-dual", affine_mass=0.25)
 
 
-def modnorm_dual_unfolded_blocks(
+def modnorm_dual_unfolded_all(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
-    """`modnorm_dual_unfolded` with the stem's convolution per kernel position: only the
-    blocks' convolutions unfolded (benchmarks/rescnn_gap.py: the unfolded stem costs loss,
-    most at width 16). One-channel images in ten classes (the harness's digits)."""
+    """`modnorm_dual_unfolded` with the stem's convolution unfolded too: every convolution
+    one matrix (the first unfolded runs of the published grid; benchmarks/rescnn_gap.py and
+    stem_unfolding.py: the unfolded stem costs loss on digits). One-channel images in ten
+    classes (the harness's digits)."""
     from benchmarks.rescnn_gap import affine_rescnn  # rescnn_gap imports this module
 
     if cfg.model != "rescnn" or data.in_shape[0] != 1 or data.num_classes != 10:
         raise ValueError(
-            "modnorm-dual-unfolded-blocks trains the rescnn on one-channel images in ten "
+            "modnorm-dual-unfolded-all trains the rescnn on one-channel images in ten "
             f"classes, not {cfg.model} on {data.in_shape} in {data.num_classes}"
         )
-    model = affine_rescnn(width, depth, unfolded=(False, True))
+    model = affine_rescnn(width, depth, unfolded=(True, True))
     return model.to(device), [ex.build_optimizer("modnorm-dual", model, lr)]
 
 
@@ -491,13 +492,13 @@ METHODS: dict[str, Method] = {
             "modnorm-dual-unfolded",
             modnorm_dual_unfolded,
             ("rescnn",),
-            note="affine_mass=0.25, unfolded=True: Muon's view of a kernel (rescnn_gap.py)",
+            note="affine_mass=0.25, unfolded=True: Muon's view of the blocks' kernels",
         ),
         Method(
-            "modnorm-dual-unfolded-blocks",
-            modnorm_dual_unfolded_blocks,
+            "modnorm-dual-unfolded-all",
+            modnorm_dual_unfolded_all,
             ("rescnn",),
-            note="as modnorm-dual-unfolded with the stem per kernel position (rescnn_gap.py)",
+            note="as modnorm-dual-unfolded with the stem unfolded too (rescnn_gap.py)",
         ),
         Method(
             "modnorm-adam-split",

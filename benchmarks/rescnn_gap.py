@@ -67,20 +67,22 @@ def modnorm_rescnn(
     norm_bias: float | None = None,
     conv_bias: float | None = None,
     unfolded: tuple[bool, bool] = (False, False),
+    in_channels: int = 1,
 ) -> Module:
     """`compounds.ResCNN` on 1-channel 8 × 8 images (the defaults: the same network, its
     weights drawn in the same order) without the MeanSubtract, with plain residuals, with a
     per-channel `Gain` (of mass ``norm_gain``) or `Bias` (``norm_bias``) after each
     RMSDivide (GroupNorm's affine weights), or with a `Bias` of mass ``conv_bias`` after each
     Conv2d and the head (all three of one mass: ``ResCNN(affine_mass=...)``); ``unfolded``:
-    whether the stem's and the blocks' Conv2d are ``unfolded`` (both: ``ResCNN(unfolded=True)``)."""
+    whether the stem's and the blocks' Conv2d are ``unfolded`` (both: ``ResCNN(unfolded=True)``);
+    ``in_channels``: the images' channels (digits have one)."""
     dims = (1, 2, 3)
 
     def conv(d_in: int, unfold: bool) -> Module:
         c = Conv2d(d_in, width, 3, unfolded=unfold)
         return c if conv_bias is None else Bias(width, conv_bias, dim=1) @ c
 
-    initial = conv(1, unfolded[0])
+    initial = conv(in_channels, unfolded[0])
     norm: Module = RMSDivide(dims)
     if norm_gain is not None:
         norm = Gain(width, norm_gain, dim=1) @ norm
@@ -101,11 +103,13 @@ def modnorm_rescnn(
     return head @ Flatten() @ AvgPool() @ stack @ initial
 
 
-def affine_rescnn(width: int, blocks: int, unfolded: tuple[bool, bool]) -> Module:
+def affine_rescnn(
+    width: int, blocks: int, unfolded: tuple[bool, bool], in_channels: int = 1
+) -> Module:
     """``ResCNN(affine_mass=0.25)`` with the stem's and the blocks' Conv2d ``unfolded`` or
     not: `modnorm_rescnn` with its three affine options at that mass."""
     affine = {"norm_gain": 0.25, "norm_bias": 0.25, "conv_bias": 0.25}
-    return modnorm_rescnn(width, blocks, **affine, unfolded=unfolded)
+    return modnorm_rescnn(width, blocks, **affine, unfolded=unfolded, in_channels=in_channels)
 
 
 class _Convex(nn.Module):

@@ -207,7 +207,8 @@ def run_suite(
 ) -> list[dict[str, Any]]:
     """Run (or resume) every sweep into ``out/<sweep>/`` on ``device``, ``jobs`` runs at a
     time; return the results of each. A sweep that has no results in ``out`` yet starts from
-    the runs it shares with ``reuse/<sweep>/`` (see `reused_runs`)."""
+    the runs it shares with ``reuse/<sweep>/`` (see `reused_runs`); one that has some takes
+    those it lacks."""
     results = []
     for sweep in sweeps:
         cfg, skipped = plan(sweep, methods)
@@ -223,10 +224,14 @@ def run_suite(
         if source is not None and not source.exists():
             source = None
         target = out / sweep.name / "results.json"
-        if source is not None and not target.exists():
-            runs = reused_runs(cfg, source)
-            ex.write_json_atomic(target, {"schema": ex.SCHEMA, "config": asdict(cfg), "runs": runs})
-            log(f"{sweep.name}: {len(runs)} runs taken from {source}")
+        if source is not None:
+            runs = ex.load_results(target.parent, cfg)  # an existing sweep must be cfg's
+            have = {_run_key(r, cfg) for r in runs}
+            new = [r for r in reused_runs(cfg, source) if _run_key(r, cfg) not in have]
+            if new or not target.exists():
+                doc = {"schema": ex.SCHEMA, "config": asdict(cfg), "runs": runs + new}
+                ex.write_json_atomic(target, doc)
+            log(f"{sweep.name}: {len(new)} runs taken from {source}")
         data = mn_data.load(cfg.data, image=cfg.model == "rescnn", input_noise=cfg.input_noise)
         builders = {name: METHODS[name].build for name in cfg.optimizers}
         r = ex.run_sweep(cfg, out / sweep.name, data, device, progress, log, builders, jobs=jobs)
@@ -255,6 +260,10 @@ def run_suite(
     return results
 
 
+def _run_key(run: dict[str, Any], cfg: ex.SweepConfig) -> str:
+    return ex.run_key(run["optimizer"], run[cfg.scale], run["lr"], run["seed"])
+
+
 def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
     """The finished runs in ``source`` (a sweep's ``results.json``) that ``cfg`` would make:
     its methods, scale values and lrs, its first ``cfg.seeds`` seeds, each with
@@ -274,7 +283,7 @@ def reused_runs(cfg: ex.SweepConfig, source: Path) -> list[dict[str, Any]]:
     return [
         {"reused_from": str(source), **r}  # a run reused twice keeps where it was made
         for r in saved["runs"]
-        if ex.run_key(r["optimizer"], r[cfg.scale], r["lr"], r["seed"]) in wanted
+        if _run_key(r, cfg) in wanted
     ]
 
 
@@ -501,8 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--reuse",
         type=Path,
-        help="start each new sweep from the runs it shares with the same sweep saved in this "
-        "directory (e.g. more seeds, methods, scales or lrs than a committed suite)",
+        help="take the runs each sweep lacks from the same sweep saved in this directory "
+        "(e.g. more seeds, methods, scales or lrs than a committed suite)",
     )
     p.add_argument("--table", action="store_true", help="print the tables of saved results")
     p.add_argument("--no-progress", action="store_true")

@@ -21,7 +21,8 @@ def make(name: str, width: int, depth: int) -> tuple[mn.Module, torch.Tensor]:
         x = torch.randn(8, 3, 6, 6)
         unfolded = name == "rescnn-unfolded"
         net = mn.ResCNN(3, 10, width, num_blocks=depth, unfolded=unfolded)
-        assert all(m.unfolded == unfolded for m in net.modules() if isinstance(m, mn.Conv2d))
+        convs = [m.unfolded for m in net.modules() if isinstance(m, mn.Conv2d)]
+        assert convs == [False] + [unfolded] * depth  # the stem stays per kernel position
         return net, x / x.square().mean().sqrt()
     if name == "gpt":
         return mn.GPT(23, 12, width, num_heads=4, num_blocks=depth), torch.randint(0, 23, (4, 12))

@@ -178,7 +178,7 @@ def test_build_model_gives_modnorm_rescnn_and_gpt_their_affine_atoms(tmp_path: P
         ex.build_model(ex.SweepConfig(affine_mass=0.25), "modnorm-adam", 8, 2, images)
 
 
-def test_build_model_unfolds_the_modnorm_rescnns_convolutions() -> None:
+def test_build_model_unfolds_the_modnorm_rescnns_block_convolutions() -> None:
     from modnorm import data as mn_data
     from modnorm.atoms import Conv2d
 
@@ -187,7 +187,7 @@ def test_build_model_unfolds_the_modnorm_rescnns_convolutions() -> None:
     cfg.validate()
     net = ex.build_model(cfg, "modnorm-dual", 8, 2, images)
     convs = [a for a, _ in net.atom_shares() if isinstance(a, Conv2d)]  # type: ignore[operator]
-    assert len(convs) == 3 and all(c.unfolded for c in convs)
+    assert [c.unfolded for c in convs] == [False, True, True]  # the stem per kernel position
     folded = ex.build_model(dataclasses.replace(cfg, unfolded=False), "modnorm-dual", 8, 2, images)
     assert not any(c.unfolded for c in folded.modules() if isinstance(c, Conv2d))
     torch_net = ex.build_model(cfg, "adam", 8, 2, images)  # a norm: torch.nn's model has none

@@ -78,12 +78,14 @@ def test_both_affine_options_are_the_compounds_affine_mass() -> None:
 def test_the_unfolded_options_are_the_compounds_unfolded_per_convolution() -> None:
     from modnorm.atoms import Conv2d
 
-    x = torch.randn(3, 1, 8, 8)
-    torch.manual_seed(0)
-    ours = rg.affine_rescnn(8, 2, unfolded=(True, True))
-    torch.manual_seed(0)
-    assert _same(ours, compounds.ResCNN(1, 10, 8, 2, affine_mass=0.25, unfolded=True), x)
-    for stem, blocks in [(True, False), (False, True)]:
+    for channels in (1, 3):  # ResCNN(unfolded=True): the blocks' convolutions, not the stem's
+        x = torch.randn(3, channels, 8, 8)
+        torch.manual_seed(0)
+        ours = rg.affine_rescnn(8, 2, unfolded=(False, True), in_channels=channels)
+        torch.manual_seed(0)
+        theirs = compounds.ResCNN(channels, 10, 8, 2, affine_mass=0.25, unfolded=True)
+        assert _same(ours, theirs, x)
+    for stem, blocks in [(True, False), (True, True)]:
         net = rg.affine_rescnn(8, 2, unfolded=(stem, blocks))
         convs = [a for a, _ in net.atom_shares() if isinstance(a, Conv2d)]
         assert [c.unfolded for c in convs] == [stem, blocks, blocks]

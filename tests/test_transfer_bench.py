@@ -122,6 +122,19 @@ def test_more_seeds_start_from_the_runs_of_a_saved_sweep(tmp_path: Path) -> None
     (again,) = tr.run_suite([tr.Sweep("tiny-width", two)], tmp_path / "two", ["modnorm-adam"],
                             False, False)  # fmt: skip
     assert again["reused_from"] == source and runs(again) == runs(reused)
+    # an output that has runs takes only those it lacks: a method added to a saved sweep
+    (mine,) = tr.run_suite([_tiny([8, 16])], tmp_path / "mine", ["torch-adam"], False, False)
+    logs.clear()
+    (added,) = tr.run_suite([_tiny([8, 16])], tmp_path / "mine", names, False, False,
+                            log=logs.append, reuse=tmp_path / "one")  # fmt: skip
+    assert any("4 runs taken from" in line for line in logs)
+    assert any("resuming: 8 runs" in line and "0 to go" in line for line in logs)
+    assert runs(added) == runs(one) and "reused_from" not in mine
+    assert [x for x in added["runs"] if x["optimizer"] == "torch-adam"] == mine["runs"]
+    logs.clear()
+    tr.run_suite([_tiny([8, 16])], tmp_path / "mine", names, False, False, log=logs.append,
+                 reuse=tmp_path / "one")  # fmt: skip
+    assert any("0 runs taken from" in line for line in logs)
     other = replace(two, steps=3)
     with pytest.raises(ValueError, match="differs in \\['steps'\\]"):
         tr.run_suite([tr.Sweep("tiny-width", other)], tmp_path / "x", ["modnorm-adam"], False,
@@ -250,11 +263,13 @@ def test_the_unfolded_methods_are_modnorm_dual_on_the_unfolded_compound() -> Non
     built = ex.train_one(cfg, data, "modnorm-dual-unfolded", 8, 2, 0.5, 0, build=both.build)
     plain = replace(cfg, affine_mass=0.25, unfolded=True)
     assert built["curve"] == ex.train_one(plain, data, "modnorm-dual", 8, 2, 0.5, 0)["curve"]
-    blocks = peers.METHODS["modnorm-dual-unfolded-blocks"]
-    net, _ = blocks.build(cfg, data, 8, 2, 0.5, "cpu")
+    net, _ = both.build(cfg, data, 8, 2, 0.5, "cpu")
     assert [c.unfolded for c in net.modules() if isinstance(c, Conv2d)] == [False, True, True]
+    every = peers.METHODS["modnorm-dual-unfolded-all"]
+    net, _ = every.build(cfg, data, 8, 2, 0.5, "cpu")
+    assert [c.unfolded for c in net.modules() if isinstance(c, Conv2d)] == [True, True, True]
     with pytest.raises(ValueError, match="one-channel images in ten classes"):
-        blocks.build(replace(cfg, model="resmlp"), digits(), 8, 2, 0.5, "cpu")
+        every.build(replace(cfg, model="resmlp"), digits(), 8, 2, 0.5, "cpu")
 
 
 def test_seed_spread_is_the_standard_deviation_at_the_best_lr() -> None:

@@ -59,7 +59,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unfolded",
         action="store_true",
-        help="rescnn: modnorm normalizes each convolution kernel as one (out, in*k*k) matrix",
+        help="rescnn: modnorm normalizes each block's conv kernel as one (out, in*k*k) matrix",
     )
 
 

@@ -122,16 +122,19 @@ def ResCNN(  # noqa: N802
     a per-channel `Bias`, every RMSDivide a per-channel `Gain` and `Bias` (GroupNorm's affine
     weights) and the head a `Bias`, as ``torch.nn``'s ResCNN has them, each atom of that mass
     where a Conv2d has 1 (the blocks and the head are then tared as without them); ``None``
-    (the default, as the reference) builds none. ``unfolded`` builds every Conv2d with
-    ``unfolded=True`` (one ``(out, in·k²)`` matrix, as Muon orthogonalizes it)."""
+    (the default, as the reference) builds none. ``unfolded`` builds the blocks' Conv2d with
+    ``unfolded=True`` (each kernel one ``(out, in·k²)`` matrix, as Muon orthogonalizes hidden
+    weights); the stem, which sees pixels, stays per kernel position: the blocks' unfolding
+    is what trains better, the stem's costs loss on one-channel images and ties on three
+    (benchmarks/RESULTS.md)."""
     _positive("width", width)
     _positive("num_blocks", num_blocks)
     _positive("block_depth", block_depth)
     _check_affine_mass(affine_mass)
     dims = (1, 2, 3)
 
-    def conv(d_in: int) -> Module:
-        c = Conv2d(d_in, width, kernel_size, unfolded=unfolded)
+    def conv(d_in: int, unfold: bool) -> Module:
+        c = Conv2d(d_in, width, kernel_size, unfolded=unfold)
         return c if affine_mass is None else Bias(width, affine_mass, dim=1) @ c
 
     def norm() -> Module:
@@ -140,8 +143,8 @@ def ResCNN(  # noqa: N802
         affine = Bias(width, affine_mass, dim=1) @ Gain(width, affine_mass, dim=1)
         return affine @ RMSDivide(dims)
 
-    initial = conv(in_channels)
-    residue = MeanSubtract(dims) @ _activation(activation) @ conv(width) @ norm()
+    initial = conv(in_channels, False)
+    residue = MeanSubtract(dims) @ _activation(activation) @ conv(width, unfolded) @ norm()
     blocks = _residual(residue**block_depth, num_blocks, 1 / num_blocks) ** num_blocks
     blocks.tare(blocks_mass)
     head = _scaled_head(_biased(affine_mass)(width, out_features), output_scale, head_mass)

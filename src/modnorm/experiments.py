@@ -57,7 +57,8 @@ class SweepConfig:
     schedule: str = "linear"  # "linear" decay to zero, or "constant"
     # modnorm's ResCNN and GPT get biases and gains of this mass (the torch.nn ones have theirs)
     affine_mass: float | None = None
-    # modnorm's ResCNN normalizes each kernel as one (out, in·k²) matrix (`Conv2d(unfolded=True)`)
+    # modnorm's ResCNN normalizes each block's kernel as one (out, in·k²) matrix
+    # (`ResCNN(unfolded=True)`; the stem stays per kernel position)
     unfolded: bool = False
 
     def validate(self, known: Sequence[str] = OPTIMIZERS) -> None:
