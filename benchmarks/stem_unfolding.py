@@ -54,20 +54,7 @@ def coloured_digits(input_noise: float = 1.0, test_size: int = 297) -> mn_data.D
     ink = 0.5 + 0.5 * torch.rand(len(t), 3, 1, 1, generator=g)
     background = 0.3 * torch.rand(len(t), 3, 1, 1, generator=g)
     x = (1 - t) * background + t * ink
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
-    train, test = perm[: len(x) - test_size], perm[len(x) - test_size :]
-    mean, std = x[train].mean(0), x[train].std(0)
-    x = (x - mean) / (std + 1e-6)
-    return mn_data.Dataset(
-        kind="classify",
-        name="coloured digits",
-        num_classes=10,
-        x_train=x[train],
-        y_train=y[train],
-        x_test=x[test],
-        y_test=y[test],
-        input_noise=input_noise,
-    )
+    return mn_data._split_standardized("coloured digits", x, y, input_noise, test_size)
 
 
 def run(job: Job) -> dict[str, Any]:

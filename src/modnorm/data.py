@@ -56,16 +56,24 @@ def digits(image: bool = False, input_noise: float = 0.0, test_size: int = 297) 
 
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32)
+    if image:
+        x = x.view(-1, 1, 8, 8)
     y = torch.tensor(d.target, dtype=torch.long)
+    return _split_standardized("digits", x, y, input_noise, test_size)
+
+
+def _split_standardized(
+    name: str, x: Tensor, y: Tensor, input_noise: float, test_size: int
+) -> Dataset:
+    """``(x, y)`` split by a fixed permutation into training and ``test_size`` test examples,
+    each input feature standardized with training statistics (for 10 classes)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
     train, test = perm[: len(x) - test_size], perm[len(x) - test_size :]
     mean, std = x[train].mean(0), x[train].std(0)
     x = (x - mean) / (std + 1e-6)  # constant-zero pixels stay zero
-    if image:
-        x = x.view(-1, 1, 8, 8)
     return Dataset(
         kind="classify",
-        name="digits",
+        name=name,
         num_classes=10,
         x_train=x[train],
         y_train=y[train],
