@@ -20,7 +20,8 @@ And where Muon's lead on the wide ResCNN comes from (``--width 128 --steps 200``
   modnorm's residuals and mean; Muon on modnorm's affine ResCNN (`_muon_on_modnorm`, each
   kernel as one matrix or per kernel position);
 * modnorm-dual on the affine ResCNN, with other masses (Muon's split, `muon_split.py`) or
-  with unfolded convolutions (``ResCNN(unfolded=True)``), and modnorm-adam likewise.
+  with unfolded convolutions (every one, or only the stem's or the blocks': the library's
+  ``ResCNN(unfolded=True)``), and modnorm-adam likewise.
 
 Every variant on its grid (seed 0, about 30 minutes on 2 cores at width 16), then seeds 1
 and 2 around the best lrs and the deep network (benchmarks/RESULTS.md lists each command):
@@ -74,7 +75,8 @@ def modnorm_rescnn(
     per-channel `Gain` (of mass ``norm_gain``) or `Bias` (``norm_bias``) after each
     RMSDivide (GroupNorm's affine weights), or with a `Bias` of mass ``conv_bias`` after each
     Conv2d and the head (all three of one mass: ``ResCNN(affine_mass=...)``); ``unfolded``:
-    whether the stem's and the blocks' Conv2d are ``unfolded`` (both: ``ResCNN(unfolded=True)``);
+    whether the stem's and the blocks' Conv2d are ``unfolded`` (only the blocks':
+    ``ResCNN(unfolded=True)``);
     ``in_channels``: the images' channels (digits have one)."""
     dims = (1, 2, 3)
 
@@ -345,8 +347,8 @@ VARIANTS: dict[str, Variant] = {
         MODNORM_LRS,
     ),
     **{
-        f"{opt}: affine_mass 0.25 and unfolded convs": (
-            lambda w, b: compounds.ResCNN(1, 10, w, b, affine_mass=0.25, unfolded=True),
+        f"{opt}: affine_mass 0.25 and unfolded convs": (  # every one, the stem's too
+            lambda w, b: affine_rescnn(w, b, (True, True)),
             make,
             MODNORM_LRS,
         )

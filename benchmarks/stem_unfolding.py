@@ -13,7 +13,7 @@ Variants, each modnorm-dual (lr 2^k) on ``ResCNN(affine_mass=0.25)``'s network
 unfolded, only the stem's, every one unfolded.
 
     python -m benchmarks.stem_unfolding --jobs 2 --seeds 0,1,2 --width 16
-    python -m benchmarks.stem_unfolding --jobs 2 --seeds 0,1,2 --width 64
+    python -m benchmarks.stem_unfolding --jobs 2 --seeds 0,1,2 --width 128
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ def _spawn(
     """Run ``worker(rank, init_file, out_dir)`` on ``nprocs`` processes (a hang is killed, an
     error in one re-raised here); the results each saved. A worker killed by a signal (gloo
     on CPU has crashed a worker mid-run once in many runs, not reproducibly) gets the whole
-    spawn run once more, with a warning; a second crash, an error or a hang fails."""
+    spawn run once more, with a warning, after everything in ``tmp`` (the caller's fresh
+    directory) is deleted; a second crash, an error or a hang fails. (If a peer's gloo error
+    is seen before the crash, that error is raised: no retry.)"""
     for attempt in (1, 2):
         ctx = mp.start_processes(
             worker, args=(str(tmp / "init"), str(tmp)), nprocs=nprocs, join=False,

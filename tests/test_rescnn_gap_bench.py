@@ -89,6 +89,9 @@ def test_the_unfolded_options_are_the_compounds_unfolded_per_convolution() -> No
         net = rg.affine_rescnn(8, 2, unfolded=(stem, blocks))
         convs = [a for a, _ in net.atom_shares() if isinstance(a, Conv2d)]
         assert [c.unfolded for c in convs] == [stem, blocks, blocks]
+    for opt in ("modnorm-adam", "modnorm-dual"):  # as their committed rows were made
+        net = rg.VARIANTS[f"{opt}: affine_mass 0.25 and unfolded convs"][0](8, 2)
+        assert all(c.unfolded for c in net.modules() if isinstance(c, Conv2d))
 
 
 def _muon_pair(kernel: int) -> tuple[torch.Tensor, torch.Tensor]:

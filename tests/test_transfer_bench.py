@@ -259,11 +259,11 @@ def test_the_unfolded_methods_are_modnorm_dual_on_the_unfolded_compound() -> Non
 
     cfg = replace(_tiny([8]).config, model="rescnn", input_noise=0.0)
     data = digits(image=True)
-    both = peers.METHODS["modnorm-dual-unfolded"]
-    built = ex.train_one(cfg, data, "modnorm-dual-unfolded", 8, 2, 0.5, 0, build=both.build)
+    blocks = peers.METHODS["modnorm-dual-unfolded"]
+    built = ex.train_one(cfg, data, "modnorm-dual-unfolded", 8, 2, 0.5, 0, build=blocks.build)
     plain = replace(cfg, affine_mass=0.25, unfolded=True)
     assert built["curve"] == ex.train_one(plain, data, "modnorm-dual", 8, 2, 0.5, 0)["curve"]
-    net, _ = both.build(cfg, data, 8, 2, 0.5, "cpu")
+    net, _ = blocks.build(cfg, data, 8, 2, 0.5, "cpu")
     assert [c.unfolded for c in net.modules() if isinstance(c, Conv2d)] == [False, True, True]
     every = peers.METHODS["modnorm-dual-unfolded-all"]
     net, _ = every.build(cfg, data, 8, 2, 0.5, "cpu")
