@@ -149,9 +149,9 @@ def modnorm_dual_unfolded_all(
     cfg: ex.SweepConfig, data: Dataset, width: int, depth: int, lr: float, device: str
 ) -> Built:
     """`modnorm_dual_unfolded` with the stem's convolution unfolded too: every convolution
-    one matrix (the first unfolded runs of the published grid; benchmarks/rescnn_gap.py and
-    stem_unfolding.py: the unfolded stem costs loss on digits). One-channel images in ten
-    classes (the harness's digits)."""
+    one matrix (the first unfolded runs of the published grid; the unfolded stem costs loss
+    on one-channel digits, benchmarks/rescnn_gap.py, and ties on three channels,
+    stem_unfolding.py). One-channel images in ten classes (the harness's digits)."""
     from benchmarks.rescnn_gap import affine_rescnn  # rescnn_gap imports this module
 
     if cfg.model != "rescnn" or data.in_shape[0] != 1 or data.num_classes != 10:

@@ -12,6 +12,7 @@ published grid's ``modnorm-dual-unfolded``: digits as 8 × 8 images with fresh i
 
 * ``linear``: ``1 − s/T``, the harness's own schedule (the published runs, bit for bit);
 * ``quadratic``: ``(1 − s/T)²``, lower in the middle (0.36 of the peak at 40 %);
+* ``power 1.5``: ``(1 − s/T)^1.5``, between the two (0.46 of the peak at 40 %);
 * ``cosine``: ``(1 + cos(π s/T)) / 2``, higher in the first half.
 
     python -m benchmarks.unfolded_schedule --jobs 2 --seeds 0,1,2 --width 16
@@ -38,6 +39,7 @@ LRS = [-2, -1, 0, 1]
 SCHEDULES: dict[str, Callable[[float], float]] = {  # the lr's factor at a fraction t of training
     "linear": lambda t: 1 - t,
     "quadratic": lambda t: (1 - t) ** 2,
+    "power 1.5": lambda t: (1 - t) ** 1.5,
     "cosine": lambda t: (1 + math.cos(math.pi * t)) / 2,
 }
 
