@@ -10,19 +10,11 @@ import math
 from typing import Any
 
 import pytest
-import torch
 
 from benchmarks import overhead as ov
 from benchmarks import peers
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch() -> object:
-    # main() sets one thread and flushes denormals, as the benchmark should; undo both.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch")  # see conftest
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ each show the digit, and its variants unfold the convolutions they name."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,13 +11,7 @@ from benchmarks.rescnn_gap import affine_rescnn
 from modnorm import data as mn_data
 from modnorm.atoms import Conv2d
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch() -> Iterator[None]:
-    threads = torch.get_num_threads()  # run() sets one thread, as a worker of the benchmark
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch")  # see conftest
 
 
 def test_coloured_digits_are_the_digits_in_three_standardized_channels() -> None:

@@ -4,24 +4,15 @@ the training exactly as `modnorm.experiments.train_one` does it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from benchmarks import peers
 from benchmarks import unfolded_drift as ud
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch() -> Iterator[None]:
-    # run() sets one thread and flushes denormals, as a worker of the benchmark should
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch")  # see conftest
 
 
 def test_measuring_the_updates_leaves_the_run_as_the_harness_trains_it() -> None:

@@ -3,8 +3,6 @@ one is the harness's own run of ``modnorm-dual-unfolded``, bit for bit."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -13,13 +11,7 @@ from benchmarks import unfolded_schedule as us
 from modnorm import data as mn_data
 from modnorm import experiments as ex
 
-
-@pytest.fixture(autouse=True)
-def _restore_torch() -> Iterator[None]:
-    threads = torch.get_num_threads()  # run() sets one thread, as a worker of the benchmark
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch")  # see conftest
 
 
 def test_each_step_runs_at_the_peak_times_the_schedule() -> None:
